@@ -1,0 +1,229 @@
+"""The gateway <-> TorchServe handler contract, version 1 (torch-free, pydantic only).
+
+One JSON body per TorchServe request: ``{"task": ..., ...}``. The handler parses it with
+:data:`TaskRequest` (a discriminated union on ``task``) and answers with the matching
+``*Result`` model, or with :class:`ErrorBody` and a 4xx status. The gateway and the RQ
+workers import this module to build requests and validate replies; nothing here imports
+torch, so importing it costs only pydantic.
+
+Images travel as base64 of canonical RGB PNG bytes (the gateway has already validated and
+re-encoded them); arrays travel as :class:`EncodedArray` (base64 ``.npy``, float32).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- shared parts
+class EncodedArray(_Strict):
+    """A numpy array as base64 of its ``.npy`` serialisation."""
+
+    encoding: Literal["npy-base64"] = "npy-base64"
+    data: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+class ClassScore(_Strict):
+    class_index: int
+    label: str
+    probability: float
+
+
+class ErrorDetail(_Strict):
+    code: str
+    message: str
+
+
+class ErrorBody(_Strict):
+    """What the handler returns, with a 4xx/5xx status, when a request cannot be served."""
+
+    error: ErrorDetail
+
+
+Stage = Literal[1, 2, 3]
+"""Visualization stage (thesis 003, section 4.2): 1 raw 3-channel relevance, 2 absolute
+value clamped at the 99th percentile and summed over channels, 3 stage 2 times the image."""
+
+ImageOutput = Literal["relevance", "heatmap_png", "overlay_png", "attention_png", "path_png"]
+
+
+# --------------------------------------------------------------------------- requests
+class DescribeRequest(_Strict):
+    task: Literal["describe"] = "describe"
+
+
+class PredictRequest(_Strict):
+    task: Literal["predict"] = "predict"
+    image: str = Field(description="base64 RGB PNG")
+    top_k: int = Field(5, ge=1)
+
+
+class ExplainRequest(_Strict):
+    task: Literal["explain"] = "explain"
+    image: str
+    method: str
+    target: int | None = Field(None, description="class to explain; default: the predicted class")
+    params: dict[str, Any] = Field(default_factory=dict)
+    stage: Stage = 2
+    colormap: str = "inferno"
+    outputs: list[ImageOutput] = Field(
+        default_factory=lambda: ["relevance", "heatmap_png", "overlay_png"]
+    )
+    score: Literal["apem"] | None = None
+    apem_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttackRequest(_Strict):
+    task: Literal["attack"] = "attack"
+    image: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    explain_method: str | None = Field(
+        None, description="also explain the adversarial image for its new class"
+    )
+
+
+class ApemRequest(_Strict):
+    task: Literal["apem"] = "apem"
+    image: str
+    method: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    relevance: EncodedArray | None = None
+    target: int | None = None
+    apem_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbedRequest(_Strict):
+    """Penultimate-layer embeddings and class probabilities for a batch of images."""
+
+    task: Literal["embed"] = "embed"
+    images: list[str] = Field(min_length=1)
+
+
+class RobustnessRequest(_Strict):
+    """Steps to flip under an iterative attack, per image (adversarial model criticism)."""
+
+    task: Literal["robustness"] = "robustness"
+    images: list[str] = Field(min_length=1)
+    method: str = "ifgsm"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterRequest(_Strict):
+    """Explanation Filter (thesis 003, Algorithm 2) on one image's explanation."""
+
+    task: Literal["filter"] = "filter"
+    image: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    target: int | None = None
+    apem_params: dict[str, Any] = Field(default_factory=dict)
+
+
+TaskRequest = Annotated[
+    DescribeRequest
+    | PredictRequest
+    | ExplainRequest
+    | AttackRequest
+    | ApemRequest
+    | EmbedRequest
+    | RobustnessRequest
+    | FilterRequest,
+    Field(discriminator="task"),
+]
+
+
+# --------------------------------------------------------------------------- results
+class _Result(_Strict):
+    model: str
+    version: str
+    elapsed_ms: float
+
+
+class PredictResult(_Result):
+    predictions: list[ClassScore]
+
+
+class ApemScore(_Strict):
+    eps_minus: float | None
+    eps_plus: float | None
+    apem: float | None
+    apem_norm: float | None = None
+    grid: dict[str, Any]
+    approximate: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExplainResult(_Result):
+    method: str
+    params: dict[str, Any]
+    target: int
+    stage: Stage
+    prediction: ClassScore
+    relevance: EncodedArray | None = None
+    heatmap_png: str | None = None
+    overlay_png: str | None = None
+    attention_png: str | None = None
+    path_png: str | None = None
+    extras: dict[str, Any] = Field(default_factory=dict)
+    apem: ApemScore | None = None
+
+
+class AttackResult(_Result):
+    method: str
+    params: dict[str, Any]
+    original: ClassScore
+    adversarial: ClassScore
+    success: bool
+    steps_to_flip: int | None
+    linf: float
+    l2: float
+    adversarial_png: str
+    perturbation_png: str
+    explanation: ExplainResult | None = None
+
+
+class ApemResult(_Result, ApemScore):
+    method: str | None = None
+    target: int
+
+
+class EmbedResult(_Result):
+    embeddings: EncodedArray
+    probabilities: EncodedArray
+
+
+class RobustnessResult(_Result):
+    method: str
+    params: dict[str, Any]
+    steps_to_flip: list[int | None]
+    predictions: list[int]
+    adversarial_predictions: list[int]
+
+
+class FilterResult(_Result):
+    method: str
+    params: dict[str, Any]
+    target: int
+    filtered: EncodedArray
+    apem_before: float | None
+    apem_after: float | None
+    fraction_kept: float
+
+
+class DescribeResult(_Strict):
+    spec: dict[str, Any]
+    tasks: list[str]
+    explainers: list[str]
+    attacks: list[str]
+    contract_version: int = CONTRACT_VERSION
