@@ -1,0 +1,1 @@
+"""The HTTP gateway (FastAPI): auth, limits, validation, errors, metrics; no tensors."""

@@ -1,0 +1,94 @@
+"""FastAPI dependencies as ``Annotated`` aliases: settings, auth, clients, model lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from redis import Redis
+
+from handlers.contract import DescribeResult
+from service.errors import ApiError
+from service.settings import Settings, get_settings
+from service.torchserve_client import AsyncTorchServeClient
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require_key(request: Request, settings: SettingsDep) -> str:
+    """Check ``Authorization: Bearer <key>``; return a non-secret key id (its index)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    unauthorized = ApiError(
+        401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+    )
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise unauthorized
+    presented_b = presented.strip().encode()
+    match = None
+    for index, key in enumerate(settings.resolved_api_keys()):
+        if hmac.compare_digest(presented_b, key.encode()):
+            match = index
+    if match is None:
+        raise unauthorized
+    return f"key-{match}"
+
+
+ApiKey = Annotated[str, Depends(require_key)]
+
+
+def get_torchserve(request: Request) -> AsyncTorchServeClient:
+    return request.app.state.torchserve
+
+
+TorchServe = Annotated[AsyncTorchServeClient, Depends(get_torchserve)]
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+RedisDep = Annotated[Redis, Depends(get_redis)]
+
+
+class ModelRegistry:
+    """The served models' ``describe`` answers, cached; only configured names exist."""
+
+    def __init__(self, settings: Settings, client: AsyncTorchServeClient) -> None:
+        self.settings = settings
+        self.client = client
+        self._cache: dict[str, tuple[float, DescribeResult]] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, name: str) -> DescribeResult:
+        if name not in self.settings.models:
+            raise ApiError(404, "model_not_found", f"unknown model {name!r}")
+        hit = self._cache.get(name)
+        if hit and time.monotonic() - hit[0] < self.settings.describe_cache_s:
+            return hit[1]
+        async with self._lock:
+            hit = self._cache.get(name)
+            if hit and time.monotonic() - hit[0] < self.settings.describe_cache_s:
+                return hit[1]
+            described = await self.client.describe(name)
+            self._cache[name] = (time.monotonic(), described)
+            return described
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
+
+
+async def described_model(
+    model: Annotated[str, Path(min_length=1, max_length=100)], registry: Registry
+) -> DescribeResult:
+    return await registry.get(model)
+
+
+DescribedModel = Annotated[DescribeResult, Depends(described_model)]

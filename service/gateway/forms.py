@@ -1,0 +1,94 @@
+"""Parsing and checking of multipart form parts shared by the inference routers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import UploadFile
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from handlers.contract import DescribeResult, EncodedArray
+from service.errors import ApiError
+from service.gateway.schemas import AttackParams
+from service.imaging import decode_image
+from service.settings import Settings
+
+
+async def _read_capped(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "payload_too_large", f"{what} exceeds the limit of {limit} bytes")
+    return data
+
+
+async def read_image(upload: UploadFile, settings: Settings) -> str:
+    """Validate the uploaded image and return it as base64 canonical RGB PNG."""
+    data = await _read_capped(upload, settings.max_upload_bytes, "the image")
+    canonical = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    return base64.b64encode(canonical.png).decode("ascii")
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """``params`` form field: a JSON object (absent or empty means ``{}``)."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(422, "invalid_params", "`params` is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_params", "`params` must be a JSON object")
+    return value
+
+
+def parse_attack_params(text: str | None) -> AttackParams:
+    try:
+        return AttackParams.model_validate(parse_params(text))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        raise ApiError(422, "invalid_params", f"params.{where}: {err['msg']}") from None
+
+
+def check_method(method: str, known: list[str], kind: str) -> None:
+    if known and method not in known:
+        raise ApiError(
+            422, "unknown_method", f"unknown {kind} method {method!r}; known: {', '.join(known)}"
+        )
+
+
+def check_target(target: int | None, described: DescribeResult, field: str) -> None:
+    if target is None:
+        return
+    n = int(described.spec["num_classes"])
+    if not 0 <= target < n:
+        raise ApiError(422, "invalid_target", f"{field} must be in [0, {n - 1}], got {target}")
+
+
+def _decode_npy(data: bytes) -> EncodedArray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise ApiError(422, "invalid_relevance", "`relevance` is not a valid .npy array") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        raise ApiError(422, "invalid_relevance", "`relevance` must be a numeric array")
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ApiError(
+            422, "invalid_relevance", "`relevance` must be a 2-D (H, W) or 3-D (C, H, W) array"
+        )
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ApiError(422, "invalid_relevance", "`relevance` has NaN or infinite values")
+    out = io.BytesIO()
+    np.save(out, arr, allow_pickle=False)
+    return EncodedArray(data=base64.b64encode(out.getvalue()).decode(), shape=list(arr.shape))
+
+
+async def read_relevance(upload: UploadFile, settings: Settings) -> EncodedArray:
+    data = await _read_capped(upload, settings.max_upload_bytes, "the relevance file")
+    return await run_in_threadpool(_decode_npy, data)

@@ -1,0 +1,193 @@
+"""Single-image endpoints: predict, explain, attack, apem (multipart in, JSON out)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from handlers.contract import (
+    ApemRequest,
+    ApemResult,
+    AttackRequest,
+    AttackResult,
+    ExplainRequest,
+    ExplainResult,
+    PredictRequest,
+    PredictResult,
+)
+from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
+from service.gateway.forms import (
+    check_method,
+    check_target,
+    parse_attack_params,
+    parse_params,
+    read_image,
+    read_relevance,
+)
+from service.gateway.schemas import (
+    ApemResponse,
+    AttackMethod,
+    AttackResponse,
+    ExplainResponse,
+    PredictResponse,
+)
+
+router = APIRouter(prefix="/v1/models/{model}", tags=["inference"])
+ImageFile = Annotated[UploadFile, File(description="PNG, JPEG, WebP, GIF or BMP image")]
+ParamsForm = Annotated[str | None, Form(description="JSON object of method parameters")]
+
+ERRORS = {
+    404: {"description": "unknown model"},
+    413: {"description": "upload or image too large"},
+    415: {"description": "image format not accepted"},
+    422: {"description": "invalid image, method, target or parameters"},
+    503: {"description": "model server unavailable or busy (Retry-After)"},
+}
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
+async def predict(
+    _: ApiKey,
+    described: DescribedModel,
+    torchserve: TorchServe,
+    settings: SettingsDep,
+    image: ImageFile,
+    top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
+) -> PredictResponse:
+    start = time.perf_counter()
+    name = described.spec["name"]
+    b64 = await read_image(image, settings)
+    k = min(top_k, int(described.spec["num_classes"]))
+    result = await torchserve.call(name, PredictRequest(image=b64, top_k=k), PredictResult)
+    return PredictResponse(
+        model=result.model,
+        version=result.version,
+        predictions=result.predictions,
+        elapsed_ms=_ms(start),
+    )
+
+
+@router.post("/explain", response_model=ExplainResponse, responses=ERRORS)
+async def explain(
+    _: ApiKey,
+    described: DescribedModel,
+    torchserve: TorchServe,
+    settings: SettingsDep,
+    image: ImageFile,
+    method: Annotated[str, Form(min_length=1, max_length=100)],
+    target: Annotated[int | None, Form()] = None,
+    stage: Annotated[int, Form(ge=1, le=3)] = 2,
+    params: ParamsForm = None,
+    score: Annotated[str | None, Form(pattern="^apem$")] = None,
+) -> ExplainResponse:
+    start = time.perf_counter()
+    check_method(method, described.explainers, "explanation")
+    check_target(target, described, "target")
+    parsed = parse_params(params)
+    b64 = await read_image(image, settings)
+    request = ExplainRequest(
+        image=b64,
+        method=method,
+        target=target,
+        params=parsed,
+        stage=stage,  # type: ignore[arg-type]
+        score="apem" if score else None,
+    )
+    result = await torchserve.call(described.spec["name"], request, ExplainResult)
+    return ExplainResponse(
+        **result.model_dump(
+            include={
+                "model",
+                "version",
+                "method",
+                "params",
+                "target",
+                "stage",
+                "prediction",
+                "relevance",
+                "heatmap_png",
+                "overlay_png",
+                "apem",
+            }
+        ),
+        elapsed_ms=_ms(start),
+    )
+
+
+@router.post("/attack", response_model=AttackResponse, responses=ERRORS)
+async def attack(
+    _: ApiKey,
+    described: DescribedModel,
+    torchserve: TorchServe,
+    settings: SettingsDep,
+    image: ImageFile,
+    method: Annotated[AttackMethod, Form()],
+    params: ParamsForm = None,
+) -> AttackResponse:
+    start = time.perf_counter()
+    attack_params = parse_attack_params(params)
+    check_target(attack_params.target_class, described, "params.target_class")
+    b64 = await read_image(image, settings)
+    request = AttackRequest(
+        image=b64, method=method, params=attack_params.model_dump(exclude_none=True)
+    )
+    result = await torchserve.call(described.spec["name"], request, AttackResult)
+    return AttackResponse(
+        **result.model_dump(exclude={"elapsed_ms", "explanation"}), elapsed_ms=_ms(start)
+    )
+
+
+@router.post("/apem", response_model=ApemResponse, responses=ERRORS)
+async def apem(
+    _: ApiKey,
+    described: DescribedModel,
+    torchserve: TorchServe,
+    settings: SettingsDep,
+    image: ImageFile,
+    method: Annotated[str | None, Form(max_length=100)] = None,
+    params: ParamsForm = None,
+    target: Annotated[int | None, Form()] = None,
+    relevance: Annotated[UploadFile | None, File(description=".npy relevance map")] = None,
+) -> ApemResponse:
+    start = time.perf_counter()
+    check_target(target, described, "target")
+    if (method is None) == (relevance is None):
+        from service.errors import ApiError
+
+        raise ApiError(
+            422,
+            "invalid_request",
+            "give either `method` (with `params`) or a `relevance` .npy file",
+        )
+    encoded = None
+    if relevance is not None:
+        encoded = await read_relevance(relevance, settings)
+    else:
+        check_method(method or "", described.explainers, "explanation")
+    parsed = parse_params(params)
+    b64 = await read_image(image, settings)
+    request = ApemRequest(image=b64, method=method, params=parsed, relevance=encoded, target=target)
+    result = await torchserve.call(described.spec["name"], request, ApemResult)
+    return ApemResponse(
+        **result.model_dump(
+            include={
+                "model",
+                "version",
+                "method",
+                "target",
+                "eps_minus",
+                "eps_plus",
+                "apem",
+                "apem_norm",
+                "grid",
+                "approximate",
+            }
+        ),
+        elapsed_ms=_ms(start),
+    )

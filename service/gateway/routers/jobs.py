@@ -1,0 +1,123 @@
+"""``/v1/jobs``: enqueue criticism and filter jobs, follow them, fetch results, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from fastapi import APIRouter, Request, status
+from rq.command import send_stop_job_command
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
+
+from service.datasets import DatasetStore
+from service.errors import ApiError
+from service.gateway.deps import ApiKey, Registry, SettingsDep
+from service.gateway.schemas import (
+    CriticismJobRequest,
+    FilterJobRequest,
+    JobAccepted,
+    JobRequest,
+    JobResult,
+    JobStatusResponse,
+)
+from service.imaging import decode_image
+from service.jobs import queue as jobq
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+UNKNOWN = {404: {"description": "unknown job"}, 410: {"description": "job expired (TTL)"}}
+
+
+async def _check(
+    body: CriticismJobRequest | FilterJobRequest, registry: Registry, settings: SettingsDep
+) -> dict[str, Any]:
+    described = await registry.get(body.model)
+    spec = body.model_dump()
+    if isinstance(body, CriticismJobRequest):
+        manifest = DatasetStore(settings).get(body.dataset_id)
+        if manifest is None:
+            raise ApiError(404, "dataset_not_found", "unknown dataset")
+        if body.class_name not in manifest["classes"]:
+            raise ApiError(422, "unknown_class", f"the dataset has no class {body.class_name!r}")
+        return spec
+    if described.explainers and body.method not in described.explainers:
+        raise ApiError(422, "unknown_method", f"unknown explanation method {body.method!r}")
+    if body.target is not None and body.target >= int(described.spec["num_classes"]):
+        raise ApiError(422, "invalid_target", "target out of range")
+    try:
+        raw = base64.b64decode(body.image, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_image", "`image` is not valid base64") from None
+    canonical = await run_in_threadpool(decode_image, raw, settings.max_image_pixels)
+    spec["image"] = base64.b64encode(canonical.png).decode()
+    return spec
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={
+        404: {"description": "unknown model or dataset"},
+        422: {"description": "invalid job"},
+    },
+)
+async def create_job(
+    _: ApiKey, body: JobRequest, request: Request, registry: Registry, settings: SettingsDep
+) -> JobAccepted:
+    spec = await _check(body, registry, settings)
+    queue = jobq.get_queue(request.app.state.redis, settings)
+    job = await run_in_threadpool(jobq.enqueue, queue, settings, body.type, spec)
+    return JobAccepted(
+        job_id=job.id, status_url=str(request.url_for("get_job", job_id=job.id).path)
+    )
+
+
+@router.get("/{job_id}", response_model=JobStatusResponse, responses=UNKNOWN)
+def get_job(_: ApiKey, job_id: str, request: Request, settings: SettingsDep) -> JobStatusResponse:
+    job = jobq.fetch(request.app.state.redis, settings, job_id)
+    return JobStatusResponse(**jobq.view(job).__dict__)
+
+
+@router.get(
+    "/{job_id}/result",
+    response_model=JobResult,
+    responses={**UNKNOWN, 409: {"description": "not finished"}},
+)
+def get_job_result(_: ApiKey, job_id: str, request: Request, settings: SettingsDep) -> Any:
+    job = jobq.fetch(request.app.state.redis, settings, job_id)
+    state = jobq.view(job)
+    if state.status != "finished":
+        message = f"the job is {state.status}"
+        if state.error:
+            message += f": {state.error}"
+        raise ApiError(409, "job_not_finished", message)
+    result = job.return_value(refresh=True)
+    if result is None:
+        raise ApiError(410, "job_expired", "the job's result has expired")
+    return result
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobStatusResponse,
+    responses={**UNKNOWN, 409: {"description": "already ended"}},
+)
+def cancel_job(
+    _: ApiKey, job_id: str, request: Request, settings: SettingsDep
+) -> JobStatusResponse:
+    redis = request.app.state.redis
+    job = jobq.fetch(redis, settings, job_id)
+    current = job.get_status(refresh=True)
+    if current in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+        raise ApiError(409, "job_ended", f"the job has already ended ({jobq.view(job).status})")
+    if current == JobStatus.STARTED:
+        try:
+            send_stop_job_command(redis, job.id, serializer=JSONSerializer)
+        except Exception:
+            job.cancel()
+    else:
+        job.cancel()
+    return JobStatusResponse(**jobq.view(job).__dict__)

@@ -1,0 +1,218 @@
+"""HTTP request and response models of the gateway (separate models per direction).
+
+Nested parts shared with TorchServe (class scores, encoded arrays, APEM scores) are the
+contract's own models, so what the handler sends is what the client gets.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from handlers.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail
+
+JobState = Literal["queued", "started", "finished", "failed", "canceled"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- health
+class HealthResponse(_Out):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(_Out):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description="component -> 'ok' or why it is down")
+    error: ErrorDetail | None = None
+
+
+# --------------------------------------------------------------------------- models
+class ModelInfo(_Out):
+    name: str
+    version: str
+    num_classes: int
+    input_size: int
+    architecture: str | None = None
+    description: str = ""
+    explainers: list[str] = Field(default_factory=list)
+    attacks: list[str] = Field(default_factory=list)
+
+
+class ModelDetail(ModelInfo):
+    labels: list[str]
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelList(_Out):
+    models: list[ModelInfo]
+
+
+# --------------------------------------------------------------------------- single image
+class PredictResponse(_Out):
+    model: str
+    version: str
+    predictions: list[ClassScore]
+    elapsed_ms: float
+
+
+class ExplainResponse(_Out):
+    model: str
+    version: str
+    method: str
+    params: dict[str, Any]
+    target: int
+    stage: int
+    prediction: ClassScore
+    relevance: EncodedArray | None = None
+    heatmap_png: str | None = None
+    overlay_png: str | None = None
+    apem: ApemScore | None = None
+    elapsed_ms: float
+
+
+class AttackParams(_In):
+    """Parameters of the FGSM / I-FGSM / PGD family (pixels in [0, 1])."""
+
+    epsilon: float = Field(8 / 255, gt=0, le=1)
+    step_size: float | None = Field(None, gt=0, le=1)
+    steps: int = Field(10, ge=1, le=1000)
+    norm: Literal["linf", "l2"] = "linf"
+    target_class: int | None = Field(None, ge=0)
+
+
+AttackMethod = Literal["fgsm", "ifgsm", "pgd"]
+
+
+class AttackResponse(_Out):
+    model: str
+    version: str
+    method: str
+    params: dict[str, Any]
+    original: ClassScore
+    adversarial: ClassScore
+    success: bool
+    steps_to_flip: int | None
+    linf: float
+    l2: float
+    adversarial_png: str
+    perturbation_png: str
+    elapsed_ms: float
+
+
+class ApemResponse(_Out):
+    model: str
+    version: str
+    method: str | None
+    target: int
+    eps_minus: float | None
+    eps_plus: float | None
+    apem: float | None
+    apem_norm: float | None
+    grid: dict[str, Any]
+    approximate: bool = False
+    elapsed_ms: float
+
+
+# --------------------------------------------------------------------------- datasets
+class SkippedFile(_Out):
+    file: str
+    reason: str
+
+
+class DatasetResponse(_Out):
+    dataset_id: str
+    classes: dict[str, int]
+    n_images: int
+    skipped: list[SkippedFile] = Field(default_factory=list)
+    has_metadata: bool = False
+    created_at: datetime | None = None
+
+
+class DeletedResponse(_Out):
+    deleted: str
+
+
+# --------------------------------------------------------------------------- jobs
+class CriticismJobRequest(_In):
+    type: Literal["criticism"]
+    model: str
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    class_name: str = Field(min_length=1, max_length=200)
+    method: Literal["adversarial", "mmd", "probs", "random"]
+    m: int = Field(5, ge=1, le=1000)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterJobRequest(_In):
+    type: Literal["filter"]
+    model: str
+    method: str = Field(min_length=1, max_length=100)
+    params: dict[str, Any] = Field(default_factory=dict)
+    image: str = Field(description="base64 of an image file (any accepted format)")
+    target: int | None = Field(None, ge=0)
+
+
+JobRequest = Annotated[CriticismJobRequest | FilterJobRequest, Field(discriminator="type")]
+
+
+class JobAccepted(_Out):
+    job_id: str
+    status_url: str
+
+
+class JobStatusResponse(_Out):
+    job_id: str
+    type: str
+    status: JobState
+    progress: float = Field(ge=0, le=1)
+    error: str | None = None
+    created_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class CriticismItem(_Out):
+    rank: int
+    file: str
+    sha256: str
+    score: float | None = None
+
+
+class CriticismResult(_Out):
+    type: Literal["criticism"] = "criticism"
+    model: str
+    version: str
+    dataset_id: str
+    class_name: str
+    method: str
+    m: int
+    params: dict[str, Any]
+    n_candidates: int
+    selected: list[CriticismItem]
+    elapsed_ms: float
+
+
+class FilterJobResult(_Out):
+    type: Literal["filter"] = "filter"
+    model: str
+    version: str
+    method: str
+    params: dict[str, Any]
+    target: int
+    filtered: EncodedArray
+    apem_before: float | None
+    apem_after: float | None
+    fraction_kept: float
+    elapsed_ms: float
+
+
+JobResult = Annotated[CriticismResult | FilterJobResult, Field(discriminator="type")]

@@ -1,0 +1,144 @@
+"""Enqueueing jobs and reading their state (used by the gateway; JSON serializer only).
+
+Every job carries ``meta = {"type", "progress", "error"}``, the configured result and
+failure TTLs, a timeout and an RQ ``Retry``. A marker key outlives the job by
+``expired_marker_ttl_s`` so that a job whose result TTL has passed answers 410, not 404.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from service.errors import ApiError
+from service.settings import Settings
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MARKER = "beyond:job:{}"
+FUNCTIONS = {
+    "criticism": "service.jobs.tasks.run_criticism",
+    "filter": "service.jobs.tasks.run_filter",
+}
+_STATES = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.CREATED: "queued",
+    JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "canceled",
+    JobStatus.CANCELED: "canceled",
+}
+
+
+def get_queue(redis: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def enqueue(
+    queue: Queue,
+    settings: Settings,
+    job_type: str,
+    spec: dict[str, Any],
+    *,
+    function: str | None = None,
+    timeout_s: int | None = None,
+    retries: int | None = None,
+) -> Job:
+    """Enqueue ``function`` (default: the job type's) with ``spec`` as its one argument."""
+    retries = settings.job_retries if retries is None else retries
+    retry = (
+        Retry(max=retries, interval=settings.job_retry_intervals_s or 0) if retries > 0 else None
+    )
+    job = queue.enqueue(
+        function or FUNCTIONS[job_type],
+        kwargs={"spec": spec},
+        job_timeout=timeout_s or settings.job_timeout_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.failure_ttl_s,
+        retry=retry,
+        meta={
+            "type": job_type,
+            "progress": 0.0,
+            "error": None,
+            "timeout_s": timeout_s or settings.job_timeout_s,
+        },
+        description=f"{job_type} job",
+    )
+    queue.connection.set(MARKER.format(job.id), job_type, ex=settings.expired_marker_ttl_s)
+    return job
+
+
+def fetch(redis: Redis, settings: Settings, job_id: str) -> Job:
+    """The job, or 404 (unknown) / 410 (its TTL has passed)."""
+    if not JOB_ID.match(job_id):
+        raise ApiError(404, "job_not_found", "unknown job")
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        if job.origin != settings.queue_name or "type" not in job.meta:
+            raise NoSuchJobError(job_id)
+        return job
+    except NoSuchJobError:
+        if redis.exists(MARKER.format(job_id)):
+            raise ApiError(
+                410,
+                "job_expired",
+                "the job's result and status have expired (see BEYOND_RESULT_TTL_S)",
+            ) from None
+        raise ApiError(404, "job_not_found", "unknown job") from None
+
+
+def failure_reason(job: Job) -> str | None:
+    """A short, trace-free reason why the job failed or was canceled."""
+    meta_error = job.meta.get("error")
+    result = job.latest_result()
+    exc = (result.exc_string or "") if result is not None else ""
+    if "JobTimeoutException" in exc:
+        return f"timeout: the job exceeded its limit of {job.meta.get('timeout_s', job.timeout)} s"
+    if "AbandonedJobError" in exc:
+        return "the worker running the job died (abandoned job); retries exhausted"
+    if "Work-horse terminated unexpectedly" in exc:
+        return "the worker process running the job was killed; retries exhausted"
+    if meta_error:
+        return str(meta_error)
+    if "stopped" in exc.lower():
+        return "canceled"
+    if exc:
+        return "the job failed; see the worker log"
+    return None
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: str
+    type: str
+    status: str
+    progress: float
+    error: str | None
+    created_at: datetime | None
+    ended_at: datetime | None
+
+
+def view(job: Job) -> JobView:
+    status = _STATES.get(job.get_status(refresh=True), "queued")
+    job.get_meta(refresh=True)
+    progress = 1.0 if status == "finished" else float(job.meta.get("progress") or 0.0)
+    error = failure_reason(job) if status in ("failed", "canceled") else None
+    return JobView(
+        job_id=job.id,
+        type=str(job.meta.get("type", "")),
+        status=status,
+        progress=max(0.0, min(1.0, progress)),
+        error=error,
+        created_at=job.created_at,
+        ended_at=job.ended_at if status in ("finished", "failed", "canceled") else None,
+    )

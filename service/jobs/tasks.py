@@ -1,0 +1,139 @@
+"""The RQ job functions (module-level, one JSON ``spec`` argument each).
+
+Job bodies are idempotent: they read inputs (dataset manifest and images, the model's
+answers), compute, and return the result for RQ to store; they write nothing else, and
+every random choice is seeded from the spec, so a retried job gives the same result and
+leaves no duplicate side effect. Progress goes to ``job.meta["progress"]``; a failure
+that retrying cannot fix raises :class:`JobFailure` (not retried, reason shown to clients).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rq import get_current_job
+
+from handlers.contract import FilterRequest, FilterResult
+from service.datasets import DatasetStore
+from service.errors import ApiError
+from service.jobs.criticism import score_candidates, select
+from service.settings import get_settings
+from service.torchserve_client import SyncTorchServeClient
+
+log = logging.getLogger("beyond.jobs")
+
+
+class JobFailure(Exception):
+    """A job failure with a client-facing reason; never retried."""
+
+
+def set_progress(value: float) -> None:
+    job = get_current_job()
+    if job is not None:
+        job.meta["progress"] = round(max(0.0, min(1.0, value)), 4)
+        job.save_meta()
+
+
+def _fail(message: str) -> JobFailure:
+    job = get_current_job()
+    if job is not None:
+        job.meta["error"] = message
+        job.save_meta()
+    return JobFailure(message)
+
+
+def _guarded(
+    body: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        return body(spec)
+    except JobFailure:
+        raise
+    except ApiError as exc:
+        if exc.status in (503, 504):  # transient: let RQ retry it
+            job = get_current_job()
+            if job is not None:
+                job.meta["error"] = f"model server unavailable: {exc.message}"
+                job.save_meta()
+            raise
+        raise _fail(f"{exc.code}: {exc.message}") from None
+
+
+def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    store = DatasetStore(settings)
+    manifest = store.get(spec["dataset_id"])
+    if manifest is None:
+        raise _fail("dataset not found (deleted?)")
+    candidates = [i for i in manifest["images"] if i["class_name"] == spec["class_name"]]
+    if not candidates:
+        raise _fail(f"the dataset has no image of class {spec['class_name']!r}")
+    m = min(int(spec["m"]), len(candidates))
+    with SyncTorchServeClient(settings) as client:
+        described = client.describe(spec["model"])
+        scores = score_candidates(
+            client,
+            described,
+            spec,
+            candidates,
+            store.read_image,
+            settings.embed_batch_size,
+            set_progress,
+        )
+    picked = select(spec["method"], scores, m, spec.get("params", {}))
+    set_progress(1.0)
+    return {
+        "type": "criticism",
+        "model": spec["model"],
+        "version": str(described.spec.get("version", "")),
+        "dataset_id": spec["dataset_id"],
+        "class_name": spec["class_name"],
+        "method": spec["method"],
+        "m": m,
+        "params": spec.get("params", {}),
+        "n_candidates": len(candidates),
+        "selected": [
+            {
+                "rank": rank,
+                "file": candidates[i]["file"],
+                "sha256": candidates[i]["sha256"],
+                "score": None if score is None else float(score),
+            }
+            for rank, (i, score) in enumerate(picked, start=1)
+        ],
+        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
+def _filter(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    request = FilterRequest(
+        image=spec["image"],
+        method=spec["method"],
+        params=spec.get("params", {}),
+        target=spec.get("target"),
+    )
+    with SyncTorchServeClient(settings) as client:
+        result = client.call(spec["model"], request, FilterResult)
+    set_progress(1.0)
+    out = result.model_dump(mode="json")
+    out["type"] = "filter"
+    out["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 3)
+    return out
+
+
+def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
+    """Model criticism on one class of a dataset (thesis 003): the ``m`` least typical images."""
+    return _guarded(_criticism, spec)
+
+
+def run_filter(spec: dict[str, Any]) -> dict[str, Any]:
+    """Explanation Filter on one image (thesis 003, Algorithm 2), computed by TorchServe."""
+    return _guarded(_filter, spec)

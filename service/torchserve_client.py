@@ -1,0 +1,241 @@
+"""Clients for TorchServe's inference API speaking the contract of ``handlers.contract``.
+
+:class:`AsyncTorchServeClient` (gateway: one pooled ``httpx.AsyncClient``) and
+:class:`SyncTorchServeClient` (RQ workers) share the request building and reply mapping
+below. Every TorchServe failure becomes an :class:`~service.errors.ApiError` with a status
+the gateway can answer as is: unreachable -> 503, read timeout -> 504, TorchServe's own
+503 (no worker / queue full) -> 503 with ``Retry-After``, the handler's ``ErrorBody`` ->
+its 4xx with code and message, anything else -> 502. The inference token is read from
+TorchServe's key file (re-read when the file changes) and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from handlers.contract import DescribeRequest, DescribeResult, ErrorBody
+from service.errors import ApiError
+from service.settings import Settings
+
+log = logging.getLogger("beyond.torchserve")
+R = TypeVar("R", bound=BaseModel)
+
+
+class TokenSource:
+    """The inference token: a fixed one from settings, or read from TorchServe's key file."""
+
+    def __init__(self, token: str | None = None, key_file: Path | None = None) -> None:
+        self._fixed = token
+        self._key_file = key_file
+        self._cached: tuple[float, str | None] = (-1.0, None)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenSource:
+        token = settings.torchserve_token.get_secret_value() if settings.torchserve_token else None
+        return cls(token, settings.torchserve_key_file)
+
+    def token(self) -> str | None:
+        if self._fixed:
+            return self._fixed
+        if self._key_file is None:
+            return None
+        try:
+            mtime = os.stat(self._key_file).st_mtime
+        except OSError:
+            return None
+        if mtime != self._cached[0]:
+            try:
+                data = json.loads(Path(self._key_file).read_text())
+                self._cached = (mtime, str(data["inference"]["key"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("TorchServe key file is unreadable")
+                return None
+        return self._cached[1]
+
+    def headers(self) -> dict[str, str]:
+        token = self.token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _model_path(model: str) -> str:
+    return f"/predictions/{model}"
+
+
+def map_reply(response: httpx.Response, result_model: type[R], retry_after_s: int) -> R:
+    """Validate a TorchServe reply into ``result_model`` or raise the matching ApiError."""
+    status = response.status_code
+    if status == 200:
+        try:
+            return result_model.model_validate_json(response.content)
+        except ValidationError:
+            log.error("TorchServe reply does not match %s", result_model.__name__)
+            raise ApiError(
+                502, "bad_model_reply", "the model server sent an invalid reply"
+            ) from None
+    if status == 503 or status == 429:
+        raise ApiError(
+            503,
+            "model_server_busy",
+            "the model server is busy or has no free worker; retry later",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if status in (401, 403):
+        log.error("TorchServe refused the inference token (status %s)", status)
+        raise ApiError(503, "model_server_unavailable", "the model server refused the gateway")
+    body = None
+    try:
+        body = ErrorBody.model_validate_json(response.content)
+    except ValidationError:
+        body = None
+    if body is not None and 400 <= status < 500:
+        out = 422 if status == 400 else status
+        return_status = out if out in (404, 409, 413, 415, 422) else 422
+        raise ApiError(return_status, body.error.code, body.error.message)
+    if status == 404:
+        raise ApiError(404, "model_not_found", "the model is not served")
+    if status == 413:
+        raise ApiError(413, "payload_too_large", "the model server refused the request size")
+    if status == 507:
+        raise ApiError(
+            503,
+            "model_server_busy",
+            "the model server is out of memory; retry later",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    log.error("TorchServe answered %s", status)
+    raise ApiError(502, "model_server_error", "the model server failed to answer the request")
+
+
+def _transport_error(exc: httpx.HTTPError) -> ApiError:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(
+        exc, httpx.ConnectTimeout | httpx.PoolTimeout
+    ):
+        return ApiError(504, "model_server_timeout", "the model server did not answer in time")
+    return ApiError(503, "model_server_unavailable", "the model server is unreachable")
+
+
+def _timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(
+        settings.torchserve_timeout_s,
+        connect=settings.torchserve_connect_timeout_s,
+        pool=settings.torchserve_connect_timeout_s,
+    )
+
+
+class AsyncTorchServeClient:
+    """Pooled async client for the gateway."""
+
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.tokens = TokenSource.from_settings(settings)
+        limits = httpx.Limits(
+            max_connections=settings.torchserve_max_connections,
+            max_keepalive_connections=settings.torchserve_max_connections,
+        )
+        self._client = httpx.AsyncClient(
+            base_url=settings.torchserve_url,
+            timeout=_timeout(settings),
+            limits=limits,
+            transport=transport,
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def call(
+        self, model: str, request: BaseModel, result_model: type[R], timeout: float | None = None
+    ) -> R:
+        body = request.model_dump_json(exclude_none=True).encode()
+        headers = {"Content-Type": "application/json", **self.tokens.headers()}
+        extra = (
+            {}
+            if timeout is None
+            else {
+                "timeout": httpx.Timeout(
+                    timeout, connect=self.settings.torchserve_connect_timeout_s
+                )
+            }
+        )
+        try:
+            response = await self._client.post(
+                _model_path(model), content=body, headers=headers, **extra
+            )
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from None
+        return map_reply(response, result_model, self.settings.torchserve_retry_after_s)
+
+    async def describe(self, model: str) -> DescribeResult:
+        return await self.call(
+            model,
+            DescribeRequest(),
+            DescribeResult,
+            timeout=self.settings.torchserve_connect_timeout_s + 5,
+        )
+
+    async def ping(self) -> str | None:
+        """``None`` when TorchServe answers healthy, else the reason it is not."""
+        try:
+            response = await self._client.get(
+                "/ping", timeout=self.settings.torchserve_connect_timeout_s + 1
+            )
+        except httpx.HTTPError:
+            return "unreachable"
+        if response.status_code != 200:
+            return f"ping answered {response.status_code}"
+        return None
+
+
+class SyncTorchServeClient:
+    """Blocking client for the RQ workers (one per job; workers hold no model)."""
+
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+        self.settings = settings
+        self.tokens = TokenSource.from_settings(settings)
+        self._client = httpx.Client(
+            base_url=settings.torchserve_url,
+            timeout=_timeout(settings),
+            transport=transport,
+            trust_env=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> SyncTorchServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, model: str, request: BaseModel, result_model: type[R], attempts: int = 3) -> R:
+        """Call the model; transient failures (unreachable, busy) are retried with backoff."""
+        body = request.model_dump_json(exclude_none=True).encode()
+        delay = 1.0
+        for attempt in range(attempts):
+            headers = {"Content-Type": "application/json", **self.tokens.headers()}
+            try:
+                response = self._client.post(_model_path(model), content=body, headers=headers)
+                return map_reply(response, result_model, self.settings.torchserve_retry_after_s)
+            except httpx.HTTPError as exc:
+                error = _transport_error(exc)
+            except ApiError as exc:
+                error = exc
+            if error.status not in (503,) or attempt == attempts - 1:
+                raise error
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def describe(self, model: str) -> DescribeResult:
+        return self.call(model, DescribeRequest(), DescribeResult)
