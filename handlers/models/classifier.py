@@ -63,7 +63,10 @@ class PixelClassifier(nn.Module):
 
 
 def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None) -> PixelClassifier:
-    network = build_architecture(spec.architecture, spec.num_classes, state_dict)
+    """Rebuild a classifier; without a state dict its random weights are seeded (reproducible)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train_seed or 0)
+        network = build_architecture(spec.architecture, spec.num_classes, state_dict)
     return PixelClassifier(network, spec.preprocessing).eval()
 
 

@@ -1,0 +1,115 @@
+"""TorchServe adapter: decodes TorchServe's request list, calls :class:`TaskRunner`, encodes.
+
+One handler serves every task of ``handlers.contract``. TorchServe batches requests
+across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): all
+``predict`` requests of a batch go through the model in one forward pass; other tasks run
+one after another. Every reply is JSON; refused requests get their own 4xx status and an
+``ErrorBody`` without affecting the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from handlers import contract
+from handlers.models.classifier import load_model_dir
+from handlers.tasks import TaskError, TaskRunner
+
+log = logging.getLogger(__name__)
+_REQUEST = TypeAdapter(contract.TaskRequest)
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """The GPU TorchServe assigned to this worker, or the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+def configure_threads() -> None:
+    """Intra-op threads per worker from ``BEYOND_TORCH_THREADS`` (default: torch's choice)."""
+    threads = os.environ.get("BEYOND_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+        torch.set_num_interop_threads(1)
+
+
+def parse_request(item: dict[str, Any]) -> contract.BaseModel:
+    """One TorchServe request dict -> a validated contract request."""
+    body = item.get("body", item.get("data"))
+    if isinstance(body, bytes | bytearray):
+        try:
+            body = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise TaskError(400, "invalid_json", "request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise TaskError(400, "invalid_json", "request body must be a JSON object")
+    try:
+        return _REQUEST.validate_python(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TaskError(422, "bad_request", f"{where}: {first['msg']}") from None
+
+
+class BeyondHandler:
+    """TorchServe's entry object (see ``handlers/ts_entry.py``)."""
+
+    def __init__(self) -> None:
+        self.runner: TaskRunner | None = None
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        configure_threads()
+        device = select_device(properties.get("gpu_id"))
+        model, spec = load_model_dir(Path(properties["model_dir"]), device)
+        self.runner = TaskRunner(model, spec, device)
+        log.info("loaded %s (%s) on %s", spec.name, spec.architecture, device)
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        assert self.runner is not None, "initialize() was not called"
+        parsed: list[contract.BaseModel | TaskError] = []
+        for item in data:
+            try:
+                parsed.append(parse_request(item))
+            except TaskError as error:
+                parsed.append(error)
+        replies: list[contract.BaseModel | TaskError | None] = [None] * len(data)
+        predict_at = [i for i, p in enumerate(parsed) if isinstance(p, contract.PredictRequest)]
+        if predict_at:
+            batch = self.runner.predict_batch([parsed[i] for i in predict_at])  # type: ignore[misc]
+            for i, result in zip(predict_at, batch, strict=True):
+                replies[i] = result
+        for i, request in enumerate(parsed):
+            if replies[i] is None:
+                replies[i] = request if isinstance(request, TaskError) else self._run_one(request)
+        return [self._encode(context, i, reply) for i, reply in enumerate(replies)]
+
+    def _run_one(self, request: contract.BaseModel) -> contract.BaseModel | TaskError:
+        assert self.runner is not None
+        try:
+            return self.runner.run(request)
+        except TaskError as error:
+            return error
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return TaskError(503, "out_of_memory", "the accelerator ran out of memory; retry with fewer samples")
+        except Exception:  # never let one request kill the worker
+            log.exception("task %s failed", getattr(request, "task", "?"))
+            return TaskError(500, "internal_error", "the model server failed to run this task")
+
+    @staticmethod
+    def _encode(context: Any, index: int, reply: contract.BaseModel | TaskError | None) -> str:
+        context.set_response_header(index, "content-type", "application/json")
+        if isinstance(reply, TaskError):
+            context.set_response_status(reply.status, reply.code, index)
+            return reply.body().model_dump_json()
+        assert reply is not None
+        return reply.model_dump_json()

@@ -1,0 +1,221 @@
+"""Start, wait for and stop a local TorchServe (torch-free: it only runs the server).
+
+The configuration closes TorchServe down to what the gateway needs:
+
+* inference, management and metrics APIs bound to 127.0.0.1;
+* token authorization on; the tokens live in ``key_file.json`` in the state folder, which
+  the gateway and workers read (``inference_token()``), and expire after
+  ``token_expiration_min`` (default 7 days; clients re-read the file on a 401);
+* the model API (registering models after start-up) off, ``allowed_urls`` limited to the
+  local model store;
+* request/response caps raised from TorchServe's 6.5 MB to ``max_message_mb`` (default 64)
+  so full-resolution explanations fit.
+
+Each instance gets its own state folder (its ``TMPDIR`` too, because TorchServe keeps its
+pid file in the temp folder), so several can run side by side (tests next to a dev stack).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+class TorchServeError(RuntimeError):
+    """TorchServe did not start or its models did not become ready."""
+
+
+def torchserve_executable() -> str:
+    """The ``torchserve`` script beside the running interpreter (the project's venv)."""
+    candidate = Path(sys.executable).parent / "torchserve"
+    found = str(candidate) if candidate.exists() else shutil.which("torchserve")
+    if not found:
+        raise TorchServeError("torchserve is not installed in this environment")
+    return found
+
+
+class TorchServeProcess:
+    """One TorchServe server with a set of archives from a local model store."""
+
+    def __init__(
+        self,
+        model_store: Path,
+        models: list[str],
+        state_dir: Path,
+        inference_port: int = 8080,
+        management_port: int = 8081,
+        metrics_port: int = 8082,
+        workers: int = 1,
+        job_queue_size: int = 100,
+        max_message_mb: int = 64,
+        token_expiration_min: int = 10080,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.model_store = model_store.resolve()
+        self.models = models
+        self.state_dir = state_dir.resolve()
+        self.inference_port = inference_port
+        self.management_port = management_port
+        self.metrics_port = metrics_port
+        self.workers = workers
+        self.job_queue_size = job_queue_size
+        self.max_message_bytes = max_message_mb * 1024 * 1024
+        self.token_expiration_min = token_expiration_min
+        self.torch_threads = torch_threads
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "key_file.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "torchserve.out"
+
+    def config_properties(self) -> str:
+        store = re.escape(self.model_store.as_posix())
+        lines = {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            "model_store": self.model_store.as_posix(),
+            "load_models": ",".join(self.models),
+            "allowed_urls": f"file://{store}/.*",
+            "enable_model_api": "false",
+            "disable_token_authorization": "false",
+            "token_expiration_min": str(self.token_expiration_min),
+            "default_workers_per_model": str(self.workers),
+            "job_queue_size": str(self.job_queue_size),
+            "max_request_size": str(self.max_message_bytes),
+            "max_response_size": str(self.max_message_bytes),
+            "install_py_dep_per_model": "false",
+            "disable_system_metrics": "true",
+            "enable_envvars_config": "false",
+        }
+        return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+    def start(self, timeout: float = 300) -> None:
+        """Start TorchServe and block until every model answers a ping."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "tmp").mkdir(exist_ok=True)
+        config = self.state_dir / "config.properties"
+        config.write_text(self.config_properties())
+        self.key_file.unlink(missing_ok=True)
+        env = {
+            **os.environ,
+            "TMPDIR": str(self.state_dir / "tmp"),
+            "LOG_LOCATION": str(self.state_dir / "logs"),
+            "METRICS_LOCATION": str(self.state_dir / "logs"),
+        }
+        if self.torch_threads:
+            env["BEYOND_TORCH_THREADS"] = str(self.torch_threads)
+            env["OMP_NUM_THREADS"] = str(self.torch_threads)
+        command = [
+            torchserve_executable(),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(config),
+            "--model-store",
+            str(self.model_store),
+        ]
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.state_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        try:
+            self.wait_ready(timeout)
+        except Exception:
+            self.stop()
+            raise
+
+    def inference_token(self) -> str:
+        """The current inference token from ``key_file.json``."""
+        return json.loads(self.key_file.read_text())["inference"]["key"]
+
+    def management_token(self) -> str:
+        return json.loads(self.key_file.read_text())["management"]["key"]
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [Path(m).stem for m in self.models]
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TorchServeError(
+                    f"torchserve exited with {self.process.returncode}; see {self.log_file}"
+                )
+            if self.key_file.exists():
+                pending = [m for m in pending if not self._model_ready(m)]
+                if not pending:
+                    return
+            time.sleep(0.5)
+        raise TorchServeError(
+            f"models not ready after {timeout:.0f} s: {pending}; see {self.log_file}"
+        )
+
+    def _model_ready(self, model: str) -> bool:
+        try:
+            reply = httpx.get(
+                f"{self.management_url}/models/{model}",
+                headers={"Authorization": f"Bearer {self.management_token()}"},
+                timeout=5,
+            )
+            workers = reply.json()[0]["workers"] if reply.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, json.JSONDecodeError):
+            return False
+        return any(w.get("status") == "READY" for w in workers)
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop TorchServe, its Java frontend and its Python workers (the whole session)."""
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait)
+                # the frontend's workers share the session; make sure none is left
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        self.process = None
+        self.key_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> TorchServeProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

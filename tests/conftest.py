@@ -1,0 +1,45 @@
+"""Session fixtures shared by every test: the demo dataset and the trained demo models.
+
+The first use generates Spurious Shapes and trains the demo models (a few minutes on two
+cores); both are cached under ``model_store/`` so later sessions start instantly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from model_store.shapes import ShapesSplit, load_split
+
+
+@cache
+def _split(dataset: str, split: str) -> ShapesSplit:
+    from model_store.train import ensure_dataset
+
+    return load_split(ensure_dataset(dataset), split)
+
+
+@cache
+def _model(name: str):  # noqa: ANN202 - (PixelClassifier, ModelSpec)
+    from handlers.models.classifier import load_model_dir
+    from model_store.train import ensure_demo_models
+
+    model, spec = load_model_dir(Path(ensure_demo_models()) / name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, spec
+
+
+@pytest.fixture(scope="session")
+def shapes_split() -> Callable[[str, str], ShapesSplit]:
+    """``shapes_split("spurious" | "fair", "train" | "test" | "counterfactual")``."""
+    return _split
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Callable[[str], tuple]:
+    """``demo_model("shapes-resnet" | "shapes-vgg" | "shapes-resnet-fair") -> (model, spec)``."""
+    return _model
