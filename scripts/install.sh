@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install everything Beyond needs on a fresh Debian machine, idempotently:
+#   - a Python 3.11 virtualenv in .venv with the project and its dev extras (torch pinned)
+#   - redis-server from Debian when it is missing
+#   - a check that Java 17+ (TorchServe's frontend) is present
+#   - the demo dataset, demo models and their TorchServe archives (cached after the first run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version}"'
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing redis-server (Debian)"
+    apt_install redis-server
+fi
+# the init script of the Debian package may start a system redis on 6379: we run our own
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+    $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+if ! command -v java >/dev/null 2>&1; then
+    echo "installing Java 17 (TorchServe's frontend)"
+    apt_install openjdk-17-jre-headless
+fi
+java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+if [ "${java_major:-0}" -lt 17 ]; then
+    echo "TorchServe needs Java 17 or newer, found ${java_major:-none}" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.beyond-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e ".[dev]"
+    touch "$stamp"
+fi
+
+.venv/bin/python -m model_store.build --demo

@@ -1,0 +1,83 @@
+"""A built demo archive loads in a real TorchServe and answers with our handler."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.torchserve_process import TorchServeProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory: pytest.TempPathFactory):
+    from model_store.build import ensure_demo_archives
+
+    store = ensure_demo_archives()
+    ports = _free_ports(3)
+    server = TorchServeProcess(store, ["shapes-resnet.mar"], tmp_path_factory.mktemp("ts"), *ports)
+    server.start(timeout=240)
+    yield server
+    server.stop()
+
+
+def _png_b64(image) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_archive_predicts_the_drawn_shape(torchserve: TorchServeProcess, shapes_split) -> None:
+    split = shapes_split("spurious", "test")
+    headers = {"Authorization": f"Bearer {torchserve.inference_token()}"}
+    correct = 0
+    for i in range(12):
+        body = {"task": "predict", "image": _png_b64(split.images[i]), "top_k": 2}
+        reply = httpx.post(f"{torchserve.inference_url}/predictions/shapes-resnet", json=body, headers=headers, timeout=60)
+        assert reply.status_code == 200, reply.text
+        payload = reply.json()
+        assert payload["model"] == "shapes-resnet" and len(payload["predictions"]) == 2
+        top = payload["predictions"][0]
+        assert top["label"] == split.class_names[top["class_index"]]
+        correct += top["class_index"] == split.labels[i]
+    assert correct >= 11
+
+
+def test_archive_carries_spec_and_refuses_bad_requests(torchserve: TorchServeProcess) -> None:
+    headers = {"Authorization": f"Bearer {torchserve.inference_token()}"}
+    url = f"{torchserve.inference_url}/predictions/shapes-resnet"
+    spec = httpx.post(url, json={"task": "describe"}, headers=headers, timeout=30).json()["spec"]
+    assert spec["labels"] == ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert spec["preprocessing"]["crop"] == 64 and spec["metrics"]["test_accuracy"] >= 0.95
+    bad = httpx.post(url, json={"task": "predict", "image": "not base64!"}, headers=headers, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_image"
+    unknown = httpx.post(url, json={"task": "teleport"}, headers=headers, timeout=30)
+    assert unknown.status_code == 422
+    # the worker survived both
+    ok = httpx.post(url, json={"task": "describe"}, headers=headers, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_torchserve_is_closed(torchserve: TorchServeProcess) -> None:
+    url = f"{torchserve.inference_url}/predictions/shapes-resnet"
+    assert httpx.post(url, json={"task": "describe"}, timeout=30).status_code in (400, 401)
+    management = {"Authorization": f"Bearer {torchserve.management_token()}"}
+    register = httpx.post(f"{torchserve.management_url}/models?url=http://example.invalid/x.mar", headers=management, timeout=30)
+    assert register.status_code >= 400
+    assert "127.0.0.1" in torchserve.inference_url and "127.0.0.1" in torchserve.management_url
