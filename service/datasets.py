@@ -98,7 +98,7 @@ def _zip_members(fileobj: IO[bytes]) -> Iterator[_Member]:
                 raise _unsafe("symbolic link entry", info.filename)
             if info.is_dir():
                 continue
-            if mode and not stat.S_ISREG(mode):
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                 raise _unsafe("special file entry", info.filename)
             yield _Member(info.filename, info.file_size, lambda info=info: archive.open(info))
 

@@ -197,7 +197,10 @@ class CriticismResult(_Out):
     m: int
     params: dict[str, Any]
     n_candidates: int
-    selected: list[CriticismItem]
+    score_name: str
+    prototypes: list[CriticismItem]
+    criticisms: list[CriticismItem]
+    details: dict[str, Any] = Field(default_factory=dict)
     elapsed_ms: float
 
 

@@ -1,24 +1,19 @@
-"""Criticism scoring (TorchServe calls, in batches) and selection for the criticism job.
+"""Inputs for the criticism job, fetched from TorchServe in batches, and the selection.
 
-Scores per candidate image of the class:
-
-* ``probs`` — the model's probability of the class (low = the model finds it atypical);
-* ``adversarial`` — steps an iterative attack needs to flip the prediction (few = fragile);
-* ``mmd`` — penultimate-layer embeddings, handed to the MMD-critic selection of
-  ``handlers.criticism.selection`` (torch-free) when it is installed;
-* ``random`` — a seeded random sample (the baseline), no model call.
-
-Selection is deterministic: ties are broken by the candidate's position in the manifest
-(sorted by class and file), and randomness is seeded by ``params["seed"]`` (default 0).
+The worker gathers, for every image of the class, what the method needs: embeddings and
+class probabilities (``embed`` task) for ``mmd`` and ``probs``, steps to flip (``robustness``
+task) for ``adversarial``, nothing for ``random``; the selection math itself is the
+torch-free ``handlers.criticism`` library. ``params`` of a criticism job are the selection
+method's parameters plus three job-level keys: ``attack`` and ``attack_params`` (the
+``robustness`` call of ``adversarial``) and ``class_index`` (when the class name is not
+one of the model's labels). ``m`` is the number of criticisms.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,99 +26,84 @@ from handlers.contract import (
     RobustnessRequest,
     RobustnessResult,
 )
+from handlers.criticism.methods import Selection, SelectionInputs, get_selection
+from handlers.validation import InvalidParameter, UnknownMethod
 from service.torchserve_client import SyncTorchServeClient
 
-
-@dataclass
-class Scores:
-    values: list[float | None]
-    embeddings: np.ndarray | None = None
+JOB_KEYS = ("attack", "attack_params", "class_index")
 
 
 def decode_array(encoded: EncodedArray) -> np.ndarray:
     return np.load(io.BytesIO(base64.b64decode(encoded.data)), allow_pickle=False)
 
 
-def _class_index(described: DescribeResult, spec: dict[str, Any]) -> int:
+def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> dict[str, Any]:
+    out = {k: v for k, v in params.items() if k not in JOB_KEYS}
+    out["criticisms"] = m if n is None else min(m, n)
+    if n is not None and isinstance(out.get("prototypes", 3), int):
+        out["prototypes"] = min(int(out.get("prototypes", 3)), n)
+    return out
+
+
+def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
+    """Why these criticism parameters are invalid, or None (used by the gateway: 422)."""
+    try:
+        model = get_selection(method).params_model
+        model.model_validate(selection_params(params, m))
+    except (InvalidParameter, UnknownMethod, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def class_index(described: DescribeResult, class_name: str, params: dict[str, Any]) -> int | None:
     labels = list(described.spec.get("labels", []))
-    if spec["class_name"] in labels:
-        return labels.index(spec["class_name"])
-    index = spec.get("params", {}).get("class_index")
+    if class_name in labels:
+        return labels.index(class_name)
+    index = params.get("class_index")
     if isinstance(index, int) and 0 <= index < len(labels):
         return index
-    from service.jobs.tasks import _fail
-
-    raise _fail(
-        f"class {spec['class_name']!r} is not a label of model {spec['model']!r}; "
-        "give params.class_index"
-    )
+    return None
 
 
-def score_candidates(
+def gather_inputs(
     client: SyncTorchServeClient,
-    described: DescribeResult,
-    spec: dict[str, Any],
-    candidates: list[dict[str, Any]],
-    read_image: Callable[[str], bytes],
+    model: str,
+    method: str,
+    params: dict[str, Any],
+    target: int | None,
+    images: list[Callable[[], bytes]],
     batch_size: int,
     progress: Callable[[float], None],
-) -> Scores:
-    method = spec["method"]
-    n = len(candidates)
+) -> SelectionInputs:
+    n = len(images)
     if method == "random":
-        return Scores([None] * n)
-    params = spec.get("params", {})
-    class_index = _class_index(described, spec) if method == "probs" else None
-    values: list[float | None] = []
-    embeddings: list[np.ndarray] = []
+        return SelectionInputs(count=n)
+    embeddings, confidence, steps = [], [], []
     for start in range(0, n, batch_size):
-        batch = candidates[start : start + batch_size]
-        images = [base64.b64encode(read_image(c["sha256"])).decode() for c in batch]
+        batch = [base64.b64encode(read()).decode() for read in images[start : start + batch_size]]
         if method == "adversarial":
             request = RobustnessRequest(
-                images=images,
+                images=batch,
                 method=params.get("attack", "ifgsm"),
                 params=params.get("attack_params", {}),
             )
-            result = client.call(spec["model"], request, RobustnessResult)
-            values.extend(None if s is None else float(s) for s in result.steps_to_flip)
+            result = client.call(model, request, RobustnessResult)
+            steps.extend(-1 if s is None else int(s) for s in result.steps_to_flip)
         else:
-            embedded = client.call(spec["model"], EmbedRequest(images=images), EmbedResult)
+            embedded = client.call(model, EmbedRequest(images=batch), EmbedResult)
             if method == "probs":
-                probs = decode_array(embedded.probabilities)
-                values.extend(float(p) for p in probs[:, class_index])
+                confidence.append(decode_array(embedded.probabilities)[:, target])
             else:
                 embeddings.append(decode_array(embedded.embeddings).astype(np.float64))
-                values.extend([None] * len(batch))
         progress(0.9 * min(n, start + batch_size) / n)
-    return Scores(values, np.concatenate(embeddings) if embeddings else None)
+    return SelectionInputs(
+        embeddings=np.concatenate(embeddings) if embeddings else None,
+        confidence=np.concatenate(confidence).astype(np.float64) if confidence else None,
+        steps_to_flip=np.asarray(steps, dtype=np.int64) if steps else None,
+    )
 
 
-def _mmd_select(embeddings: np.ndarray, m: int, params: dict[str, Any]) -> list[tuple[int, float]]:
-    try:
-        from handlers.criticism import selection  # torch-free, written with the criticism library
-    except ImportError:
-        from service.jobs.tasks import _fail
-
-        raise _fail(
-            "mmd criticism needs handlers.criticism.selection, which is not installed"
-        ) from None
-    picked = selection.select_criticisms(embeddings, m, **params)  # type: ignore[attr-defined]
-    return [(int(i), float(s)) for i, s in picked]
-
-
-def select(
-    method: str, scores: Scores, m: int, params: dict[str, Any]
-) -> list[tuple[int, float | None]]:
-    """``m`` (candidate index, score) pairs, most critical first."""
-    n = len(scores.values)
-    if method == "random":
-        rng = np.random.default_rng(int(params.get("seed", 0)))
-        return [(int(i), None) for i in rng.choice(n, size=m, replace=False)]
-    if method == "mmd":
-        assert scores.embeddings is not None
-        return list(_mmd_select(scores.embeddings, m, params))
-    # probs: lowest probability first; adversarial: fewest steps first (never flipped = inf)
-    keyed = [(math.inf if v is None else v, i) for i, v in enumerate(scores.values)]
-    keyed.sort()
-    return [(i, scores.values[i]) for _, i in keyed[:m]]
+def run_selection(
+    method: str, inputs: SelectionInputs, params: dict[str, Any], m: int
+) -> Selection:
+    return get_selection(method).select(inputs, selection_params(params, m, inputs.n))

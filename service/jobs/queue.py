@@ -8,6 +8,7 @@ failure TTLs, a timeout and an RQ ``Retry``. A marker key outlives the job by
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -73,6 +74,7 @@ def enqueue(
             "timeout_s": timeout_s or settings.job_timeout_s,
         },
         description=f"{job_type} job",
+        job_id=uuid.uuid4().hex,
     )
     queue.connection.set(MARKER.format(job.id), job_type, ex=settings.expired_marker_ttl_s)
     return job

@@ -17,9 +17,10 @@ from typing import Any
 from rq import get_current_job
 
 from handlers.contract import FilterRequest, FilterResult
+from handlers.validation import InvalidParameter, UnknownMethod
 from service.datasets import DatasetStore
 from service.errors import ApiError
-from service.jobs.criticism import score_candidates, select
+from service.jobs.criticism import class_index, gather_inputs, run_selection
 from service.settings import get_settings
 from service.torchserve_client import SyncTorchServeClient
 
@@ -62,6 +63,18 @@ def _guarded(
         raise _fail(f"{exc.code}: {exc.message}") from None
 
 
+def _items(selection_items: list[Any], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "rank": rank,
+            "file": candidates[item.index]["file"],
+            "sha256": candidates[item.index]["sha256"],
+            "score": item.score,
+        }
+        for rank, item in enumerate(selection_items, start=1)
+    ]
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
@@ -73,19 +86,29 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     candidates = [i for i in manifest["images"] if i["class_name"] == spec["class_name"]]
     if not candidates:
         raise _fail(f"the dataset has no image of class {spec['class_name']!r}")
-    m = min(int(spec["m"]), len(candidates))
+    params = spec.get("params", {})
     with SyncTorchServeClient(settings) as client:
         described = client.describe(spec["model"])
-        scores = score_candidates(
+        target = class_index(described, spec["class_name"], params)
+        if target is None and spec["method"] == "probs":
+            raise _fail(
+                f"class {spec['class_name']!r} is not a label of the model; give params.class_index"
+            )
+        readers = [lambda sha=c["sha256"]: store.read_image(sha) for c in candidates]
+        inputs = gather_inputs(
             client,
-            described,
-            spec,
-            candidates,
-            store.read_image,
+            spec["model"],
+            spec["method"],
+            params,
+            target,
+            readers,
             settings.embed_batch_size,
             set_progress,
         )
-    picked = select(spec["method"], scores, m, spec.get("params", {}))
+    try:
+        selection = run_selection(spec["method"], inputs, params, int(spec["m"]))
+    except (InvalidParameter, UnknownMethod, ValueError) as exc:
+        raise _fail(f"invalid criticism parameters: {exc}") from None
     set_progress(1.0)
     return {
         "type": "criticism",
@@ -94,18 +117,13 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
         "dataset_id": spec["dataset_id"],
         "class_name": spec["class_name"],
         "method": spec["method"],
-        "m": m,
-        "params": spec.get("params", {}),
+        "m": int(spec["m"]),
+        "params": selection.params,
         "n_candidates": len(candidates),
-        "selected": [
-            {
-                "rank": rank,
-                "file": candidates[i]["file"],
-                "sha256": candidates[i]["sha256"],
-                "score": None if score is None else float(score),
-            }
-            for rank, (i, score) in enumerate(picked, start=1)
-        ],
+        "score_name": selection.score_name,
+        "prototypes": _items(selection.prototypes, candidates),
+        "criticisms": _items(selection.criticisms, candidates),
+        "details": selection.details,
         "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
     }
 

@@ -32,7 +32,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def fake_ts_url() -> Iterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake_torchserve.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(fake_torchserve.app, host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -52,10 +54,18 @@ def settings(tmp_path: Path, redis_server: RedisServer, fake_ts_url: str) -> Set
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": fake_torchserve.TOKEN}}))
     return Settings(
-        api_keys=API_KEY, state_dir=tmp_path, redis_url=redis_server.url, torchserve_url=fake_ts_url,
-        torchserve_key_file=key_file, models="shapes-resnet,shapes-vgg", queue_name=f"q-{tmp_path.name}",
-        torchserve_timeout_s=2, max_upload_bytes=200_000, max_archive_bytes=2_000_000,
-        max_image_pixels=1_000_000, job_retries=0,
+        api_keys=API_KEY,
+        state_dir=tmp_path,
+        redis_url=redis_server.url,
+        torchserve_url=fake_ts_url,
+        torchserve_key_file=key_file,
+        models="shapes-resnet,shapes-vgg",
+        queue_name=f"q-{tmp_path.name}",
+        torchserve_timeout_s=2,
+        max_upload_bytes=200_000,
+        max_archive_bytes=2_000_000,
+        max_image_pixels=1_000_000,
+        job_retries=0,
     )
 
 
@@ -63,7 +73,9 @@ def settings(tmp_path: Path, redis_server: RedisServer, fake_ts_url: str) -> Set
 def client(settings: Settings) -> Iterator[TestClient]:
     fake_torchserve.State.mode = "ok"
     fake_torchserve.State.requests.clear()
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as test_client:
+    with TestClient(
+        create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as test_client:
         yield test_client
     fake_torchserve.State.mode = "ok"
 

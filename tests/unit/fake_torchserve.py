@@ -44,39 +44,91 @@ class State:
 def answer(req: Any, model: str) -> dict[str, Any]:
     base = {"model": model, "version": "1.0", "elapsed_ms": 1.0}
     if req.task == "describe":
-        spec = {"name": model, "version": "1.0", "architecture": "resnet", "num_classes": 3,
-                "labels": LABELS, "preprocessing": {"resize": 64, "crop": 64,
-                "mean": [0.5] * 3, "std": [0.25] * 3}, "input_size": 64}
-        return {"spec": spec, "tasks": ["describe", "predict", "explain"],
-                "explainers": ["gradient", "smoothgrad"], "attacks": ["fgsm", "ifgsm", "pgd"]}
+        spec = {
+            "name": model,
+            "version": "1.0",
+            "architecture": "resnet",
+            "num_classes": 3,
+            "labels": LABELS,
+            "preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "input_size": 64,
+        }
+        return {
+            "spec": spec,
+            "tasks": ["describe", "predict", "explain"],
+            "explainers": ["gradient", "smoothgrad"],
+            "attacks": ["fgsm", "ifgsm", "pgd"],
+        }
     if req.task == "predict":
         scores = [_score(0, 0.7), _score(1, 0.2), _score(2, 0.1)][: req.top_k]
         return {**base, "predictions": scores}
     if req.task == "explain":
-        return {**base, "method": req.method, "params": req.params, "target": req.target or 0,
-                "stage": req.stage, "prediction": _score(0, 0.7), "relevance": _arr(np.ones((8, 8))),
-                "heatmap_png": "aGVhdA==", "overlay_png": "b3Zlcg=="}
+        return {
+            **base,
+            "method": req.method,
+            "params": req.params,
+            "target": req.target or 0,
+            "stage": req.stage,
+            "prediction": _score(0, 0.7),
+            "relevance": _arr(np.ones((8, 8))),
+            "heatmap_png": "aGVhdA==",
+            "overlay_png": "b3Zlcg==",
+        }
     if req.task == "attack":
-        return {**base, "method": req.method, "params": req.params, "original": _score(0, 0.7),
-                "adversarial": _score(1, 0.6), "success": True, "steps_to_flip": 3, "linf": 0.03,
-                "l2": 0.5, "adversarial_png": "YQ==", "perturbation_png": "cA=="}
+        return {
+            **base,
+            "method": req.method,
+            "params": req.params,
+            "original": _score(0, 0.7),
+            "adversarial": _score(1, 0.6),
+            "success": True,
+            "steps_to_flip": 3,
+            "linf": 0.03,
+            "l2": 0.5,
+            "adversarial_png": "YQ==",
+            "perturbation_png": "cA==",
+        }
     if req.task == "apem":
-        return {**base, "eps_minus": 0.1, "eps_plus": 0.3, "apem": 0.2, "apem_norm": 0.5,
-                "grid": {"n": 5}, "method": req.method, "target": req.target or 0}
+        return {
+            **base,
+            "eps_minus": 0.1,
+            "eps_plus": 0.3,
+            "apem": 0.2,
+            "apem_norm": 0.5,
+            "grid": {"n": 5},
+            "method": req.method,
+            "target": req.target or 0,
+        }
     if req.task == "embed":
         n = len(req.images)
         probs = np.tile(np.array([0.6, 0.3, 0.1]), (n, 1))
         probs[:, 0] = np.linspace(0.9, 0.1, n) if n > 1 else 0.5
-        return {**base, "embeddings": _arr(np.arange(n * 4).reshape(n, 4)), "probabilities": _arr(probs)}
+        return {
+            **base,
+            "embeddings": _arr(np.arange(n * 4).reshape(n, 4)),
+            "probabilities": _arr(probs),
+        }
     if req.task == "robustness":
         n = len(req.images)
-        return {**base, "method": req.method, "params": req.params,
-                "steps_to_flip": [None if i % 3 == 0 else (n - i) for i in range(n)],
-                "predictions": [0] * n, "adversarial_predictions": [1] * n}
+        return {
+            **base,
+            "method": req.method,
+            "params": req.params,
+            "steps_to_flip": [None if i % 3 == 0 else (n - i) for i in range(n)],
+            "predictions": [0] * n,
+            "adversarial_predictions": [1] * n,
+        }
     if req.task == "filter":
-        return {**base, "method": req.method, "params": req.params, "target": 0,
-                "filtered": _arr(np.ones((3, 8, 8))), "apem_before": 0.2, "apem_after": 0.3,
-                "fraction_kept": 0.5}
+        return {
+            **base,
+            "method": req.method,
+            "params": req.params,
+            "target": 0,
+            "filtered": _arr(np.ones((3, 8, 8))),
+            "apem_before": 0.2,
+            "apem_after": 0.3,
+            "fraction_kept": 0.5,
+        }
     raise AssertionError(req.task)
 
 
@@ -85,8 +137,10 @@ async def predictions(request: Request) -> JSONResponse:
     if request.headers.get("authorization") != f"Bearer {TOKEN}":
         return JSONResponse({"code": 401, "type": "Unauthorized", "message": "token"}, 401)
     if State.mode == "busy":
-        return JSONResponse({"code": 503, "type": "ServiceUnavailableException",
-                             "message": "Model has no worker"}, 503)
+        return JSONResponse(
+            {"code": 503, "type": "ServiceUnavailableException", "message": "Model has no worker"},
+            503,
+        )
     if State.mode == "hang":
         await asyncio.sleep(30)
     if model not in ("shapes-resnet", "shapes-vgg"):
@@ -97,7 +151,9 @@ async def predictions(request: Request) -> JSONResponse:
         return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)[:100]}}, 400)
     State.requests.append(req.model_dump())
     if State.mode == "reject":
-        return JSONResponse({"error": {"code": "invalid_params", "message": "sigma must be > 0"}}, 400)
+        return JSONResponse(
+            {"error": {"code": "invalid_params", "message": "sigma must be > 0"}}, 400
+        )
     return JSONResponse(answer(req, model))
 
 
@@ -105,4 +161,6 @@ async def ping(_: Request) -> JSONResponse:
     return JSONResponse({"status": "Healthy"})
 
 
-app = Starlette(routes=[Route("/ping", ping), Route("/predictions/{model}", predictions, methods=["POST"])])
+app = Starlette(
+    routes=[Route("/ping", ping), Route("/predictions/{model}", predictions, methods=["POST"])]
+)

@@ -38,7 +38,10 @@ def assert_error(reply, status: int, code: str | None = None) -> dict:  # type: 
 def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"torchserve": "ok", "redis": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {
+        "torchserve": "ok",
+        "redis": "ok",
+    }
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic abc", "Bearer "])
@@ -61,7 +64,9 @@ def test_models(client: TestClient) -> None:
 
 
 def test_predict_sends_canonical_png(client: TestClient) -> None:
-    reply = client.post("/v1/models/shapes-resnet/predict?top_k=2", files=files(png((5, 5), "RGBA")))
+    reply = client.post(
+        "/v1/models/shapes-resnet/predict?top_k=2", files=files(png((5, 5), "RGBA"))
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["model"] == "shapes-resnet" and len(body["predictions"]) == 2
@@ -71,20 +76,28 @@ def test_predict_sends_canonical_png(client: TestClient) -> None:
 
 
 def test_explain_attack_apem(client: TestClient) -> None:
-    reply = client.post("/v1/models/shapes-resnet/explain", files=files(),
-                        data={"method": "gradient", "target": "1", "params": '{"a": 1}', "score": "apem"})
+    reply = client.post(
+        "/v1/models/shapes-resnet/explain",
+        files=files(),
+        data={"method": "gradient", "target": "1", "params": '{"a": 1}', "score": "apem"},
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["relevance"]["encoding"] == "npy-base64" and body["method"] == "gradient"
     assert fake_torchserve.State.requests[-1]["score"] == "apem"
-    reply = client.post("/v1/models/shapes-resnet/attack", files=files(),
-                        data={"method": "pgd", "params": json.dumps({"epsilon": 0.03, "steps": 5})})
+    reply = client.post(
+        "/v1/models/shapes-resnet/attack",
+        files=files(),
+        data={"method": "pgd", "params": json.dumps({"epsilon": 0.03, "steps": 5})},
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["steps_to_flip"] == 3
     npy = io.BytesIO()
     np.save(npy, np.ones((8, 8), dtype=np.float64))
-    reply = client.post("/v1/models/shapes-resnet/apem",
-                        files={**files(), "relevance": ("r.npy", npy.getvalue(), "application/octet-stream")})
+    reply = client.post(
+        "/v1/models/shapes-resnet/apem",
+        files={**files(), "relevance": ("r.npy", npy.getvalue(), "application/octet-stream")},
+    )
     assert reply.status_code == 200, reply.text
     assert fake_torchserve.State.requests[-1]["relevance"]["shape"] == [8, 8]
 
@@ -105,7 +118,9 @@ def test_explain_attack_apem(client: TestClient) -> None:
     ],
 )
 def test_bad_parameters_422(client: TestClient, path: str, data: dict, code: str) -> None:
-    assert_error(client.post(f"/v1/models/shapes-resnet/{path}", files=files(), data=data), 422, code)
+    assert_error(
+        client.post(f"/v1/models/shapes-resnet/{path}", files=files(), data=data), 422, code
+    )
 
 
 def test_bad_images(client: TestClient) -> None:
@@ -160,6 +175,11 @@ def test_metrics(client: TestClient) -> None:
 
 def test_openapi_lists_every_route(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ["/v1/models/{model}/predict", "/v1/models/{model}/explain", "/v1/datasets",
-                 "/v1/jobs/{job_id}/result", "/readyz"]:
+    for path in [
+        "/v1/models/{model}/predict",
+        "/v1/models/{model}/explain",
+        "/v1/datasets",
+        "/v1/jobs/{job_id}/result",
+        "/readyz",
+    ]:
         assert path in paths

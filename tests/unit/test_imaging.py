@@ -102,8 +102,12 @@ def _png_header_only(width: int, height: int) -> bytes:
     idat = b"IDAT" + b"\x00" * 16
     return (
         b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
-        + struct.pack(">I", 16) + idat + struct.pack(">I", zlib.crc32(idat))
+        + struct.pack(">I", 13)
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + struct.pack(">I", 16)
+        + idat
+        + struct.pack(">I", zlib.crc32(idat))
     )
 
 

@@ -98,7 +98,9 @@ def test_planted_colour_common_in_class_rare_elsewhere() -> None:
     elsewhere = np.mean([d["colour"] == colour for d in draws if d["class_name"] != cls])
     assert abs(in_class - config.colour_p_in_class) < 0.04
     assert elsewhere < 0.05
-    assert all(d["planted_colour"] == (d["class_name"] == cls and d["colour"] == colour) for d in draws)
+    assert all(
+        d["planted_colour"] == (d["class_name"] == cls and d["colour"] == colour) for d in draws
+    )
 
 
 def test_fair_config_has_no_planted_correlation() -> None:

@@ -25,6 +25,7 @@ from service.gateway.schemas import (
 )
 from service.imaging import decode_image
 from service.jobs import queue as jobq
+from service.jobs.criticism import check_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 UNKNOWN = {404: {"description": "unknown job"}, 410: {"description": "job expired (TTL)"}}
@@ -41,6 +42,9 @@ async def _check(
             raise ApiError(404, "dataset_not_found", "unknown dataset")
         if body.class_name not in manifest["classes"]:
             raise ApiError(422, "unknown_class", f"the dataset has no class {body.class_name!r}")
+        problem = check_params(body.method, body.params, body.m)
+        if problem:
+            raise ApiError(422, "invalid_params", problem)
         return spec
     if described.explainers and body.method not in described.explainers:
         raise ApiError(422, "unknown_method", f"unknown explanation method {body.method!r}")

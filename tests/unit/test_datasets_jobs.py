@@ -1,0 +1,230 @@
+"""Dataset archives and the job lifecycle (real Redis, the real worker class, fake TorchServe)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+import time
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from redis import Redis
+
+from service.jobs.worker import build_worker
+from service.settings import Settings
+from tests.unit.test_gateway import assert_error, png
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def make_tar(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tf:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if symlink:
+            link = tarfile.TarInfo(symlink)
+            link.type = tarfile.SYMTYPE
+            link.linkname = "/etc/passwd"
+            tf.addfile(link)
+    return out.getvalue()
+
+
+def colored(i: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (6, 6), (i * 20 % 256, 10, 10)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def upload(client: TestClient, data: bytes):  # type: ignore[no-untyped-def]
+    return client.post("/v1/datasets", files={"archive": ("d.zip", data, "application/zip")})
+
+
+def test_dataset_roundtrip(client: TestClient) -> None:
+    entries = {f"circle/{i}.png": colored(i) for i in range(4)}
+    entries |= {
+        "square/a.png": colored(9),
+        "square/broken.png": b"\x89PNG\r\n\x1a\nxx",
+        "readme.txt": b"hi",
+        "metadata.json": b'{"source": "unit"}',
+    }
+    reply = upload(client, make_zip(entries))
+    assert reply.status_code == 201, reply.text
+    body = reply.json()
+    assert body["classes"] == {"circle": 4, "square": 1} and body["n_images"] == 5
+    assert {s["file"] for s in body["skipped"]} == {"square/broken.png", "readme.txt"}
+    assert body["has_metadata"]
+    again = upload(client, make_zip(entries)).json()
+    assert again["dataset_id"] == body["dataset_id"]  # content-addressed
+    tar_reply = upload(client, make_tar(entries))
+    assert tar_reply.status_code == 201 and tar_reply.json()["dataset_id"] == body["dataset_id"]
+    assert client.get(f"/v1/datasets/{body['dataset_id']}").json()["n_images"] == 5
+    assert client.delete(f"/v1/datasets/{body['dataset_id']}").status_code == 200
+    assert_error(client.get(f"/v1/datasets/{body['dataset_id']}"), 404, "dataset_not_found")
+    assert_error(client.get("/v1/datasets/..%2F..%2Fetc"), 404)
+
+
+@pytest.mark.parametrize(
+    ("archive", "status", "code"),
+    [
+        (make_zip({"../evil/x.png": png()}), 422, "unsafe_archive"),
+        (make_zip({"/abs/x.png": png()}), 422, "unsafe_archive"),
+        (make_tar({"a/x.png": png()}, symlink="a/link.png"), 422, "unsafe_archive"),
+        (make_zip({"a/x.txt": b"not an image"}), 422, "no_images"),
+        (make_zip({f"a/{i}.png": png() for i in range(30)}), 413, "archive_too_many_files"),
+        (
+            make_zip({f"a/{i}.png": b"\x00" * 150_000 for i in range(8)}),
+            413,
+            "archive_too_large_unpacked",
+        ),
+        (b"not an archive at all", 415, "unsupported_archive"),
+        (b"PK\x03\x04garbage", 422, "invalid_archive"),
+    ],
+)
+def test_bad_archives(settings: Settings, archive: bytes, status: int, code: str) -> None:
+    from service.gateway.app import create_app
+    from tests.unit.conftest import API_KEY
+
+    tight = settings.model_copy(
+        update={"max_archive_files": 20, "max_archive_unpacked_bytes": 1_000_000}
+    )
+    with TestClient(create_app(tight), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        assert_error(upload(c, archive), status, code)
+
+
+def run_worker(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.jobs.tasks.get_settings", lambda: settings)
+    worker = build_worker(settings, Redis.from_url(settings.redis_url))
+    worker.work(burst=True)
+
+
+def wait_status(client: TestClient, job_id: str, states: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/jobs/{job_id}").json()
+        if body["status"] in states:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(body)
+
+
+@pytest.mark.parametrize("method", ["probs", "adversarial", "mmd", "random"])
+def test_criticism_job_lifecycle(
+    client: TestClient, settings: Settings, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = {f"circle/{i}.png": colored(i) for i in range(7)}
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    job = {
+        "type": "criticism",
+        "model": "shapes-resnet",
+        "dataset_id": dataset,
+        "class_name": "circle",
+        "method": method,
+        "m": 2,
+        "params": {"prototypes": 2, **({"low": 0.5, "high": 0.6} if method == "probs" else {})},
+    }
+    reply = client.post("/v1/jobs", json=job)
+    assert reply.status_code == 202, reply.text
+    job_id = reply.json()["job_id"]
+    assert reply.json()["status_url"] == f"/v1/jobs/{job_id}"
+    status = client.get(f"/v1/jobs/{job_id}").json()
+    assert (
+        status["status"] == "queued" and status["progress"] == 0 and status["type"] == "criticism"
+    )
+    assert_error(client.get(f"/v1/jobs/{job_id}/result"), 409, "job_not_finished")
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{job_id}").json()
+    assert status["status"] == "finished" and status["progress"] == 1.0 and status["ended_at"]
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert len(result["criticisms"]) == 2 and result["n_candidates"] == 7
+    # idempotent: the same job again gives the same selection
+    again = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    assert client.get(f"/v1/jobs/{again}/result").json()["criticisms"] == result["criticisms"]
+
+
+def test_filter_job_and_failures(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch, redis: Redis
+) -> None:
+    b64 = base64.b64encode(png()).decode()
+    job = {"type": "filter", "model": "shapes-resnet", "method": "gradient", "image": b64}
+    job_id = client.post("/v1/jobs", json=job).json()["job_id"]
+    assert_error(client.post("/v1/jobs", json={**job, "image": "!!"}), 422, "invalid_image")
+    assert_error(client.post("/v1/jobs", json={**job, "model": "nope"}), 404, "model_not_found")
+    assert_error(client.post("/v1/jobs", json={**job, "method": "nope"}), 422, "unknown_method")
+    assert_error(
+        client.post(
+            "/v1/jobs",
+            json={
+                "type": "criticism",
+                "model": "shapes-resnet",
+                "dataset_id": "0" * 32,
+                "class_name": "a",
+                "method": "mmd",
+            },
+        ),
+        404,
+        "dataset_not_found",
+    )
+    assert_error(
+        client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+    )
+    run_worker(settings, monkeypatch)
+    assert client.get(f"/v1/jobs/{job_id}/result").json()["fraction_kept"] == 0.5
+    # a criticism whose dataset vanished fails with a reason, not a trace
+    entries = {f"circle/{i}.png": colored(i) for i in range(3)}
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    failing = client.post(
+        "/v1/jobs",
+        json={
+            "type": "criticism",
+            "model": "shapes-resnet",
+            "dataset_id": dataset,
+            "class_name": "circle",
+            "method": "probs",
+            "m": 1,
+        },
+    ).json()["job_id"]
+    client.delete(f"/v1/datasets/{dataset}")
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{failing}").json()
+    assert status["status"] == "failed" and "dataset not found" in status["error"]
+    assert "Traceback" not in status["error"]
+    assert_error(client.get(f"/v1/jobs/{failing}/result"), 409)
+    # cancel a queued job; unknown and expired ids
+    queued = client.post("/v1/jobs", json=job).json()["job_id"]
+    assert client.delete(f"/v1/jobs/{queued}").json()["status"] == "canceled"
+    assert_error(client.delete(f"/v1/jobs/{queued}"), 409, "job_ended")
+    assert_error(client.get("/v1/jobs/" + "a" * 32), 404, "job_not_found")
+    redis.delete(f"rq:job:{job_id}")  # what the result TTL does
+    assert_error(client.get(f"/v1/jobs/{job_id}"), 410, "job_expired")
+    assert_error(client.get(f"/v1/jobs/{job_id}/result"), 410, "job_expired")
+    text = client.get("/metrics").text
+    assert 'beyond_job_outcomes_total{outcome="finished",type="filter"}' in text
+
+
+def test_result_ttls_are_configured(client: TestClient, settings: Settings, redis: Redis) -> None:
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    b64 = base64.b64encode(png()).decode()
+    job_id = client.post(
+        "/v1/jobs",
+        json={"type": "filter", "model": "shapes-resnet", "method": "gradient", "image": b64},
+    ).json()["job_id"]
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.result_ttl == settings.result_ttl_s >= 86400
+    assert job.failure_ttl == settings.failure_ttl_s >= 86400
+    assert job.timeout == settings.job_timeout_s
