@@ -45,6 +45,9 @@ stamp=.venv/.beyond-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e ".[dev]"
+    # test reference only: torchattacks pins requests~=2.25 (conflicts with locust and carries
+    # known CVEs), so it is installed without its dependencies (torch, scipy, ... are ours)
+    .venv/bin/pip install -q --no-deps torchattacks==3.5.1
     touch "$stamp"
 fi
 
