@@ -187,7 +187,9 @@ class AsyncTorchServeClient:
         """``None`` when TorchServe answers healthy, else the reason it is not."""
         try:
             response = await self._client.get(
-                "/ping", timeout=self.settings.torchserve_connect_timeout_s + 1
+                "/ping",
+                headers=self.tokens.headers(),
+                timeout=self.settings.torchserve_connect_timeout_s + 1,
             )
         except httpx.HTTPError:
             return "unreachable"

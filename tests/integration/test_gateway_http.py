@@ -1,0 +1,418 @@
+"""The gateway over real HTTP with real Redis, TorchServe, worker (issues 5 and 7)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.jobs import queue as jobq
+from tests.integration.conftest import API_KEY, MODEL, Stack
+
+pytestmark = pytest.mark.integration
+
+
+def png(size=(32, 32), mode="RGB", fmt="PNG", **kw) -> bytes:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def image_files(data: bytes) -> dict:
+    return {"image": ("x", data, "application/octet-stream")}
+
+
+def err(reply: httpx.Response, status: int, code: str | None = None) -> None:
+    assert reply.status_code == status, reply.text
+    body = reply.json()
+    assert set(body) == {"error"}, body
+    if code:
+        assert body["error"]["code"] == code, body
+    assert "Traceback" not in reply.text
+
+
+def test_health_ready_docs(stack: Stack, api: httpx.Client) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").status_code == 200
+    assert api.get("/docs").status_code == 200
+    assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
+
+
+def test_auth(stack: Stack) -> None:
+    for key in (None, "wrong"):
+        with stack.client(key) as client:
+            err(client.get("/v1/models"), 401, "unauthorized")
+
+
+def test_models_and_inference(api: httpx.Client) -> None:
+    models = api.get("/v1/models").json()["models"]
+    assert models[0]["name"] == MODEL and models[0]["num_classes"] > 1
+    detail = api.get(f"/v1/models/{MODEL}").json()
+    assert len(detail["labels"]) == detail["num_classes"]
+    err(api.get("/v1/models/nope"), 404, "model_not_found")
+    reply = api.post(f"/v1/models/{MODEL}/predict", params={"top_k": 2}, files=image_files(png()))
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["predictions"]) == 2
+    method = detail["explainers"][0]
+    reply = api.post(
+        f"/v1/models/{MODEL}/explain", files=image_files(png()), data={"method": method}
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["relevance"]["encoding"] == "npy-base64" and body["heatmap_png"]
+    reply = api.post(
+        f"/v1/models/{MODEL}/attack",
+        files=image_files(png()),
+        data={"method": "ifgsm", "params": json.dumps({"epsilon": 0.05, "steps": 3})},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["linf"] <= 0.05 + 1e-4
+    npy = io.BytesIO()
+    np.save(npy, np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    reply = api.post(
+        f"/v1/models/{MODEL}/apem",
+        files={
+            **image_files(png()),
+            "relevance": ("r.npy", npy.getvalue(), "application/octet-stream"),
+        },
+    )
+    assert reply.status_code in (200, 422), (
+        reply.text
+    )  # 422 only if the handler refuses the map shape
+    err(
+        api.post(f"/v1/models/{MODEL}/explain", files=image_files(png()), data={"method": "nope"}),
+        422,
+    )
+    err(
+        api.post(
+            f"/v1/models/{MODEL}/explain",
+            files=image_files(png()),
+            data={"method": method, "target": "999"},
+        ),
+        422,
+        "invalid_target",
+    )
+    err(
+        api.post(
+            f"/v1/models/{MODEL}/explain",
+            files=image_files(png()),
+            data={"method": method, "params": "{oops"},
+        ),
+        422,
+        "invalid_params",
+    )
+
+
+def _gif() -> bytes:
+    frames = [Image.new("RGB", (9, 9), (60 * i, 0, 0)) for i in range(3)]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"", 422),
+        (b"plain text", 415),
+        (png()[:40], 422),
+        (png(fmt="TIFF"), 415),
+        (png(mode="L"), 200),
+        (png(mode="RGBA"), 200),
+        (png(mode="CMYK", fmt="JPEG"), 200),
+        (png(mode="I;16"), 200),
+        (png(mode="P"), 200),
+        (_gif(), 200),
+        (png((1, 1)), 200),
+        (png((6000, 6000)), 413),
+    ],
+)
+def test_bad_and_odd_images(api: httpx.Client, data: bytes, status: int) -> None:
+    reply = api.post(f"/v1/models/{MODEL}/predict", files=image_files(data))
+    assert reply.status_code == status, reply.text
+
+
+def _raw_request(port: int, head: bytes, chunks, read_timeout: float = 10) -> bytes:  # type: ignore[no-untyped-def]
+    """Send a request over a raw socket (chunks may be a generator) and return the reply head."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            return sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
+def test_chunked_upload_cut_at_the_limit(stack: Stack) -> None:
+    sent = {"bytes": 0}
+
+    def body():  # type: ignore[no-untyped-def]
+        chunk = b"x" * 65536
+        for _ in range(400):  # 25 MiB offered, limit 2 MiB
+            sent["bytes"] += len(chunk)
+            yield f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+        yield b"0\r\n\r\n"
+
+    head = (
+        f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=BOUND\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    start = time.monotonic()
+    reply = _raw_request(stack.port, head, body())
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert time.monotonic() - start < 20
+    # Content-Length over the limit: refused before the body is read
+    head = (
+        f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: {50 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    assert _raw_request(stack.port, head, []).startswith(b"HTTP/1.1 413")
+
+
+def test_multipart_abuse_is_cheap(stack: Stack, api: httpx.Client) -> None:
+    url = f"/v1/models/{MODEL}/predict"
+    cases = [
+        ("multipart/form-data; boundary=", b"--\r\n"),
+        ("multipart/form-data", b"no boundary at all"),
+        ("multipart/form-data; boundary=B", b"\r\n" * 900_000 + b"--B--\r\n"),
+        (
+            "multipart/form-data; boundary=B",
+            b"".join(
+                b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+                for i in range(20000)
+            )
+            + b"--B--\r\n",
+        ),
+        (
+            "multipart/form-data; boundary=B",
+            b"--B\r\n"
+            + b"".join(b"X-H%d: v\r\n" % i for i in range(50000))
+            + b"\r\nv\r\n--B--\r\n",
+        ),
+    ]
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=stack.base_url, timeout=10) as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                c.get("/healthz")
+                latencies.append(time.monotonic() - t)
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        for content_type, body in cases:
+            start = time.monotonic()
+            reply = api.post(url, content=body, headers={"Content-Type": content_type})
+            assert 400 <= reply.status_code < 500, (
+                content_type,
+                reply.status_code,
+                reply.text[:200],
+            )
+            assert time.monotonic() - start < 10
+    finally:
+        stop.set()
+        thread.join()
+    assert latencies and max(latencies) < 2.0
+
+
+def _dataset_zip(n: int = 6) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for i in range(n):
+            img = Image.new("RGB", (64, 64), (200, 200, 200))
+            img.paste((20 * i, 40, 160), (10 + i, 10, 40 + i, 40))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            zf.writestr(f"circle/{i}.png", buf.getvalue())
+        zf.writestr("circle/broken.png", b"\x89PNG\r\n\x1a\ntruncated")
+    return out.getvalue()
+
+
+def wait_job(
+    api: httpx.Client, job_id: str, timeout: float = 180, states=("finished", "failed", "canceled")
+) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        body = api.get(f"/v1/jobs/{job_id}").json()
+        seen.append((body["status"], body["progress"]))
+        if body["status"] in states:
+            body["seen"] = seen
+            return body
+        time.sleep(0.2)
+    raise AssertionError(seen[-5:])
+
+
+def test_dataset_and_criticism_job(api: httpx.Client) -> None:
+    reply = api.post(
+        "/v1/datasets", files={"archive": ("d.zip", _dataset_zip(), "application/zip")}
+    )
+    assert reply.status_code == 201, reply.text
+    dataset = reply.json()
+    assert (
+        dataset["classes"] == {"circle": 6} and dataset["skipped"][0]["file"] == "circle/broken.png"
+    )
+    for method in ("probs", "mmd", "adversarial", "random"):
+        job = {
+            "type": "criticism",
+            "model": MODEL,
+            "dataset_id": dataset["dataset_id"],
+            "class_name": "circle",
+            "method": method,
+            "m": 2,
+            "params": {"class_index": 0} if method == "probs" else {},
+        }
+        accepted = api.post("/v1/jobs", json=job)
+        assert accepted.status_code == 202, accepted.text
+        status = wait_job(api, accepted.json()["job_id"])
+        assert status["status"] == "finished", status
+        result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
+        assert result["method"] == method and result["n_candidates"] == 6
+    err(api.get("/v1/jobs/" + "0" * 32), 404, "job_not_found")
+    assert api.delete(f"/v1/datasets/{dataset['dataset_id']}").status_code == 200
+
+
+def test_filter_job(api: httpx.Client) -> None:
+    method = api.get(f"/v1/models/{MODEL}").json()["explainers"][0]
+    accepted = api.post(
+        "/v1/jobs",
+        json={
+            "type": "filter",
+            "model": MODEL,
+            "method": method,
+            "image": base64.b64encode(png()).decode(),
+        },
+    )
+    assert accepted.status_code == 202
+    status = wait_job(api, accepted.json()["job_id"])
+    assert status["status"] in ("finished", "failed")
+    if status["status"] == "failed":
+        assert "Traceback" not in (status["error"] or "")
+
+
+def _queue(stack: Stack):  # type: ignore[no-untyped-def]
+    from redis import Redis
+
+    redis = Redis.from_url(stack.redis.url)
+    return jobq.get_queue(redis, stack.settings)
+
+
+def test_job_timeout_fails_with_reason(stack: Stack, api: httpx.Client) -> None:
+    job = jobq.enqueue(
+        _queue(stack),
+        stack.settings,
+        "test",
+        {"seconds": 30},
+        function="tests.integration.jobfuncs.sleep",
+        timeout_s=2,
+    )
+    status = wait_job(api, job.id, timeout=60)
+    assert status["status"] == "failed" and "timeout" in status["error"], status
+
+
+def test_killed_worker_job_is_retried_or_failed(stack: Stack, api: httpx.Client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queue = _queue(stack)
+    retried = jobq.enqueue(
+        queue,
+        stack.settings,
+        "test",
+        {"marker": str(tmp_path / "m")},
+        function="tests.integration.jobfuncs.slow_first_time",
+        retries=1,
+    )
+    wait_job(api, retried.id, timeout=60, states=("started",))
+    time.sleep(1)
+    assert stack.worker is not None
+    stack.worker.kill()  # SIGKILL the worker and its work horse
+    stack.start_worker()
+    status = wait_job(api, retried.id, timeout=90)
+    assert status["status"] == "finished", status
+    # no retries left: failed with a reason, not "started" forever
+    (tmp_path / "m").unlink()
+    once = jobq.enqueue(
+        queue,
+        stack.settings,
+        "test",
+        {"marker": str(tmp_path / "m")},
+        function="tests.integration.jobfuncs.slow_first_time",
+        retries=0,
+    )
+    wait_job(api, once.id, timeout=60, states=("started",))
+    time.sleep(1)
+    stack.worker.kill()
+    stack.start_worker()
+    status = wait_job(api, once.id, timeout=90)
+    assert status["status"] == "failed" and "worker" in status["error"], status
+
+
+def test_redis_restart_keeps_jobs(stack: Stack, api: httpx.Client) -> None:
+    queue = _queue(stack)
+    finished = jobq.enqueue(
+        queue, stack.settings, "test", {"seconds": 0}, function="tests.integration.jobfuncs.sleep"
+    )
+    assert wait_job(api, finished.id)["status"] == "finished"
+    assert stack.worker is not None
+    stack.worker.stop()
+    queued = jobq.enqueue(
+        queue, stack.settings, "test", {"seconds": 0}, function="tests.integration.jobfuncs.sleep"
+    )
+    time.sleep(2)  # appendfsync everysec
+    stack.redis.kill()
+    stack.redis.start()
+    assert api.get(f"/v1/jobs/{finished.id}").json()["status"] == "finished"
+    assert api.get(f"/v1/jobs/{queued.id}").json()["status"] == "queued"
+    stack.start_worker()
+    assert wait_job(api, queued.id)["status"] == "finished"
+
+
+def test_redis_eviction_policy_not_ready(stack: Stack, api: httpx.Client) -> None:
+    from redis import Redis
+
+    redis = Redis.from_url(stack.redis.url)
+    redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        reply = api.get("/readyz")
+        assert reply.status_code == 503 and "redis" in reply.json()["error"]["message"]
+    finally:
+        redis.config_set("maxmemory-policy", "noeviction")
+    assert api.get("/readyz").status_code == 200
+
+
+def test_torchserve_down_then_back(stack: Stack, api: httpx.Client) -> None:
+    stack.ts.stop()
+    start = time.monotonic()
+    err(
+        api.post(f"/v1/models/{MODEL}/predict", files=image_files(png())),
+        503,
+        "model_server_unavailable",
+    )
+    assert time.monotonic() - start < 10
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and "torchserve" in ready.json()["error"]["message"]
+    stack.ts.start(timeout=600)
+    assert api.post(f"/v1/models/{MODEL}/predict", files=image_files(png())).status_code == 200
+    assert api.get("/readyz").status_code == 200
+
+
+def test_no_secret_in_logs(stack: Stack) -> None:
+    token = stack.ts.inference_token()
+    for log in (stack.state / "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert API_KEY not in text and token not in text, log
