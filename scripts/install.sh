@@ -2,6 +2,7 @@
 # Install everything Beyond needs on a fresh Debian machine, idempotently:
 #   - a Python 3.11 virtualenv in .venv with the project and its dev extras (torch pinned)
 #   - redis-server from Debian when it is missing
+#   - Go with sprig and yaml.v2 from Debian (the Helm chart tests render the chart with them)
 #   - a check that Java 17+ (TorchServe's frontend) is present
 #   - the demo dataset, demo models and their TorchServe archives (cached after the first run)
 set -euo pipefail
@@ -26,6 +27,13 @@ fi
 # the init script of the Debian package may start a system redis on 6379: we run our own
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
     $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+# Go's text/template with sprig renders the Helm chart offline in tests/deploy (no helm binary)
+if ! command -v go >/dev/null 2>&1 || [ ! -d /usr/share/gocode/src/github.com/Masterminds/sprig ] \
+    || [ ! -d /usr/share/gocode/src/gopkg.in/yaml.v2 ]; then
+    echo "installing Go and sprig (Debian) for the Helm chart tests"
+    apt_install golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev
 fi
 
 if ! command -v java >/dev/null 2>&1; then
