@@ -62,6 +62,12 @@ def check_method(method: str, known: list[str], kind: str) -> None:
         )
 
 
+def check_task(described: DescribeResult, task: str) -> None:
+    """422 when the model's handler does not serve ``task`` (its ``describe`` lists them)."""
+    if described.tasks and task not in described.tasks:
+        raise ApiError(422, "unsupported_task", f"this model does not serve {task!r}")
+
+
 def check_target(target: int | None, described: DescribeResult, field: str) -> None:
     if target is None:
         return

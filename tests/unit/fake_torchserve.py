@@ -55,7 +55,16 @@ def answer(req: Any, model: str) -> dict[str, Any]:
         }
         return {
             "spec": spec,
-            "tasks": ["describe", "predict", "explain"],
+            "tasks": [
+                "describe",
+                "predict",
+                "explain",
+                "attack",
+                "apem",
+                "embed",
+                "robustness",
+                "filter",
+            ],
             "explainers": ["gradient", "smoothgrad"],
             "attacks": ["fgsm", "ifgsm", "pgd"],
         }

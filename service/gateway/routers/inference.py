@@ -21,6 +21,7 @@ from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
 from service.gateway.forms import (
     check_method,
     check_target,
+    check_task,
     parse_attack_params,
     parse_params,
     read_image,
@@ -87,6 +88,7 @@ async def explain(
     score: Annotated[str | None, Form(pattern="^apem$")] = None,
 ) -> ExplainResponse:
     start = time.perf_counter()
+    check_task(described, "explain")
     check_method(method, described.explainers, "explanation")
     check_target(target, described, "target")
     parsed = parse_params(params)
@@ -131,6 +133,7 @@ async def attack(
     params: ParamsForm = None,
 ) -> AttackResponse:
     start = time.perf_counter()
+    check_task(described, "attack")
     attack_params = parse_attack_params(params)
     check_target(attack_params.target_class, described, "params.target_class")
     b64 = await read_image(image, settings)
@@ -156,6 +159,7 @@ async def apem(
     relevance: Annotated[UploadFile | None, File(description=".npy relevance map")] = None,
 ) -> ApemResponse:
     start = time.perf_counter()
+    check_task(described, "apem")
     check_target(target, described, "target")
     if (method is None) == (relevance is None):
         from service.errors import ApiError

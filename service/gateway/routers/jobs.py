@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, Registry, SettingsDep
+from service.gateway.forms import check_task
 from service.gateway.schemas import (
     CriticismJobRequest,
     FilterJobRequest,
@@ -36,6 +37,10 @@ async def _check(
 ) -> dict[str, Any]:
     described = await registry.get(body.model)
     spec = body.model_dump()
+    needs = {"adversarial": "robustness", "mmd": "embed", "probs": "embed"}
+    task = "filter" if isinstance(body, FilterJobRequest) else needs.get(body.method)
+    if task:
+        check_task(described, task)
     if isinstance(body, CriticismJobRequest):
         manifest = DatasetStore(settings).get(body.dataset_id)
         if manifest is None:
