@@ -1,0 +1,45 @@
+"""Explanation methods behind one protocol and a name registry.
+
+Importing this package registers every method::
+
+    from handlers.explainers import explain
+    result = explain(model, images, "smoothgrad", {"n": 50}, targets=None)
+    result.relevance  # (B, 3, H, W) float32
+"""
+
+from handlers.explainers import (  # noqa: F401 - imported to register the methods
+    gradcam,
+    gradient,
+    integrated_gradients,
+    lime,
+    lrp,
+    nam,
+    smoothgrad,
+)
+from handlers.explainers.base import (
+    Attribution,
+    Explainer,
+    ExplainerParams,
+    Explanation,
+    InvalidParameter,
+    UnknownMethod,
+    available_explainers,
+    create_explainer,
+    explain,
+    get_explainer,
+    register,
+)
+
+__all__ = [
+    "Attribution",
+    "Explainer",
+    "ExplainerParams",
+    "Explanation",
+    "InvalidParameter",
+    "UnknownMethod",
+    "available_explainers",
+    "create_explainer",
+    "explain",
+    "get_explainer",
+    "register",
+]

@@ -1,0 +1,311 @@
+"""The explainer protocol, its result, parameter validation and the method registry.
+
+Every explanation method is one small :class:`Explainer` subclass with one abstract method,
+:meth:`Explainer.attribute`, registered under its public name with :func:`register`. The
+base class owns what all methods share: parameter validation (a pydantic model per method,
+whose errors surface as :class:`InvalidParameter`), input checks, target resolution
+(default: the predicted class), autograd and eval mode for the duration of one call.
+
+Relevance is always a ``(B, C, H, W)`` float32 tensor of the input's shape, in [0, 1] pixel
+space (the served :class:`~handlers.models.classifier.PixelClassifier` normalises inside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+__all__ = [
+    "Attribution",
+    "BatchedParams",
+    "Explainer",
+    "ExplainerParams",
+    "Explanation",
+    "InvalidParameter",
+    "StochasticParams",
+    "UnknownMethod",
+    "available_explainers",
+    "create_explainer",
+    "explain",
+    "get_explainer",
+    "register",
+    "resolve_targets",
+    "select_logits",
+]
+
+
+# --------------------------------------------------------------------------- errors
+class InvalidParameter(ValueError):
+    """A parameter or target that cannot be used; the handler answers 422 with ``str(err)``.
+
+    Attributes:
+        parameter: Name of the offending parameter (``"target"`` for targets).
+        reason: Human-readable reason, without the parameter name.
+    """
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        super().__init__(f"{parameter}: {reason}")
+        self.parameter = parameter
+        self.reason = reason
+
+
+class UnknownMethod(KeyError):
+    """No explainer is registered under the requested name (a ``KeyError``)."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown explanation method {self.name!r}; available: {', '.join(self.known)}"
+
+
+# --------------------------------------------------------------------------- parameters
+class ExplainerParams(BaseModel):
+    """Base of every method's parameters: unknown names are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StochasticParams(ExplainerParams):
+    """Parameters of a stochastic method: a seed for its local ``torch.Generator``."""
+
+    seed: int = Field(0, ge=0, description="seed of the method's own random generator")
+
+
+class BatchedParams(ExplainerParams):
+    """Parameters of a method that runs many model passes: images per pass."""
+
+    batch_size: int = Field(64, ge=1, description="images per model pass")
+
+
+P = TypeVar("P", bound=ExplainerParams)
+
+
+def parse_params(params_type: type[P], raw: Mapping[str, Any] | BaseModel | None) -> P:
+    """Validate ``raw`` into ``params_type``, turning pydantic errors into InvalidParameter."""
+    if isinstance(raw, params_type):
+        return raw
+    data = raw.model_dump() if isinstance(raw, BaseModel) else dict(raw or {})
+    try:
+        return params_type.model_validate(data)
+    except ValidationError as err:
+        raise _invalid_from(err) from None
+
+
+def _invalid_from(err: ValidationError) -> InvalidParameter:
+    first = err.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "params"
+    reasons = [f"{e['msg']} (got {e['input']!r})" if e["loc"] else e["msg"] for e in err.errors()]
+    return InvalidParameter(name, "; ".join(reasons))
+
+
+# --------------------------------------------------------------------------- results
+class Attribution(NamedTuple):
+    """What :meth:`Explainer.attribute` returns: relevance, resolved targets, extras."""
+
+    relevance: Tensor
+    targets: Tensor
+    extras: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One explainer call's result.
+
+    Attributes:
+        method: Registered name of the method.
+        relevance: ``(B, C, H, W)`` float32, detached, same shape and device as the input.
+        targets: ``(B,)`` int64 classes that were explained.
+        params: The fully resolved parameters (defaults filled in), JSON-friendly.
+        extras: Method-specific results (e.g. LIME's ``segments`` and ``weights``); numpy
+            arrays in it must be encoded with :func:`handlers.arrays.encode_array`.
+    """
+
+    method: str
+    relevance: Tensor
+    targets: Tensor
+    params: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- targets
+def select_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits[b, targets[b]]`` for every row ``b``."""
+    return logits.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """Targets to explain: the predicted classes when ``targets`` is None, else checked.
+
+    Raises:
+        InvalidParameter: A target is outside ``[0, num_classes)``.
+    """
+    if targets is None:
+        return logits.detach().argmax(dim=1)
+    num_classes = logits.shape[1]
+    bad = (targets < 0) | (targets >= num_classes)
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise InvalidParameter(
+            "target", f"class {value} is out of range for a model with {num_classes} classes"
+        )
+    return targets.to(logits.device)
+
+
+def _check_inputs(images: Tensor, targets: Tensor | int | None) -> tuple[Tensor, Tensor | None]:
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (B, C, H, W) tensor, got {tuple(images.shape)}")
+    if targets is None:
+        return images, None
+    targets = torch.as_tensor(targets, device=images.device).reshape(-1)
+    if targets.is_floating_point() or targets.numel() != images.shape[0]:
+        raise InvalidParameter("target", f"need {images.shape[0]} integer class indices")
+    return images, targets.long()
+
+
+@contextlib.contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Autograd on (also under an outer ``inference_mode``), model in eval mode, restored."""
+    was_training = model.training
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            if was_training:
+                model.eval()
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+# --------------------------------------------------------------------------- protocol
+class Explainer(ABC):
+    """One explanation method: validated parameters plus one abstract :meth:`attribute`.
+
+    Use :meth:`explain` (the template method); subclasses implement :meth:`attribute`.
+
+    Attributes:
+        name: The registered public name (set by :func:`register`).
+        Params: The method's pydantic parameter model.
+        smoothable: Whether SmoothGrad may wrap this method.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[ExplainerParams]] = ExplainerParams
+    smoothable: ClassVar[bool] = False
+
+    def __init__(self, params: Mapping[str, Any] | BaseModel | None = None) -> None:
+        """Validate ``params`` (raises :class:`InvalidParameter`)."""
+        self.params = parse_params(self.Params, params)
+
+    def explain(
+        self, model: nn.Module, images: Tensor, targets: Tensor | int | None = None
+    ) -> Explanation:
+        """Explain ``model``'s scores for ``targets`` on ``images``.
+
+        Args:
+            model: Classifier taking ``(B, C, H, W)`` images in [0, 1]; never modified.
+            images: Preprocessed images, ``(B, C, H, W)`` float in [0, 1].
+            targets: ``(B,)`` class indices, or None for the predicted classes.
+
+        Returns:
+            The explanation; ``relevance`` has the input's shape.
+
+        Raises:
+            InvalidParameter: A target is out of range, or a parameter does not fit the input.
+        """
+        images, targets = _check_inputs(images, targets)
+        with _explaining(model):
+            images = images.clone() if images.is_inference() else images.detach()
+            targets = None if targets is None else targets.clone()
+            result = self.attribute(model, images, targets)
+        relevance = result.relevance.detach().to(torch.float32)
+        if relevance.shape != images.shape:
+            raise RuntimeError(f"{self.name} returned {tuple(relevance.shape)} for {tuple(images.shape)}")
+        return Explanation(
+            method=self.name,
+            relevance=relevance,
+            targets=result.targets.detach().long(),
+            params=self.params.model_dump(mode="json"),
+            extras=dict(result.extras),
+        )
+
+    @abstractmethod
+    def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
+        """Compute the relevance of ``images`` (detached, autograd enabled, eval mode).
+
+        Implementations resolve ``targets`` with :func:`resolve_targets` on the first logits
+        they compute.
+        """
+
+    def predicted_targets(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Tensor:
+        """Resolve targets with one gradient-free forward pass (for multi-sample methods)."""
+        with torch.no_grad():
+            return resolve_targets(model(images), targets)
+
+
+# --------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+E = TypeVar("E", bound=type[Explainer])
+
+
+def register(name: str) -> Callable[[E], E]:
+    """Class decorator: register an :class:`Explainer` under ``name``."""
+
+    def decorator(cls: E) -> E:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"explainer {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_explainers() -> list[str]:
+    """Names of all registered explainers, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_explainer(name: str) -> type[Explainer]:
+    """The explainer class registered as ``name`` (raises :class:`UnknownMethod`)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethod(name, available_explainers()) from None
+
+
+def create_explainer(name: str, params: Mapping[str, Any] | None = None) -> Explainer:
+    """An explainer instance with validated parameters.
+
+    Raises:
+        UnknownMethod: ``name`` is not registered.
+        InvalidParameter: ``params`` do not validate.
+    """
+    return get_explainer(name)(params)
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    targets: Tensor | int | None = None,
+) -> Explanation:
+    """One call from name to explanation: ``create_explainer(method, params).explain(...)``."""
+    return create_explainer(method, params).explain(model, images, targets)
+
+
+def chunks(total: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(total)``."""
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))

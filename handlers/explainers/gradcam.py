@@ -1,0 +1,68 @@
+"""Grad-CAM on the last convolutional block."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, autograd, nn
+
+from handlers.explainers.base import (
+    Attribution,
+    Explainer,
+    ExplainerParams,
+    register,
+    resolve_targets,
+    select_logits,
+)
+
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+
+class GradCamParams(ExplainerParams):
+    """Grad-CAM parameters."""
+
+    relu: bool = Field(True, description="keep only positive evidence (Selvaraju et al., eq. 2)")
+    interpolation: Interpolation = Field("bilinear", description="upsampling to the image size")
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(feature_map, head)`` of a :class:`~handlers.models.classifier.PixelClassifier`."""
+    if not (hasattr(model, "feature_map") and hasattr(model, "head")):
+        raise TypeError("the model must expose feature_map(x) and head (a PixelClassifier)")
+    return model.feature_map, model.head
+
+
+def upsample(maps: Tensor, size: tuple[int, int], mode: Interpolation) -> Tensor:
+    """``(B, h, w)`` maps resized to ``size``."""
+    corners = None if mode == "nearest" else False
+    return F.interpolate(maps.unsqueeze(1), size=size, mode=mode, align_corners=corners).squeeze(1)
+
+
+@register("gradcam")
+class GradCam(Explainer):
+    """Grad-CAM (Selvaraju et al. 2017, eqs. 1-2) on the last convolutional feature map.
+
+    ``α_k = mean_ij ∂y_c/∂A^k_ij`` and ``L = ReLU(Σ_k α_k A^k)``, upsampled to the image
+    (a class activation map in the sense of paper 002, section 2). ``A`` is
+    ``model.feature_map(x)`` and ``y = model.head(A)``, so the gradient only runs through
+    the head. The map is spread equally over the input channels (the channel sum is ``L``).
+    """
+
+    Params = GradCamParams
+    smoothable = True
+
+    def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
+        """Channel weights from head gradients, weighted sum of the feature maps, resize."""
+        feature_map, head = split_model(model)
+        activations = feature_map(images).detach().requires_grad_(True)
+        logits = head(activations)
+        targets = resolve_targets(logits, targets)
+        (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
+        cam = (grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1).detach()
+        if self.params.relu:
+            cam = cam.clamp(min=0)
+        cam = upsample(cam, images.shape[-2:], self.params.interpolation)
+        channels = images.shape[1]
+        return Attribution((cam / channels).unsqueeze(1).expand_as(images).contiguous(), targets)

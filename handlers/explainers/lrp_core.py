@@ -1,0 +1,282 @@
+"""LRP as a modified gradient: rules for linear layers, batch-norm merging, canonized copies.
+
+Formulation (ours, checked against zennit in the tests). Write every relevance as
+``R = a · g``: an activation times a *modified gradient* ``g`` flowing backwards. For the
+output of a linear layer (conv or dense) ``z = W x + b`` the relevance is ``R_j = z_j g_j``
+and a rule only has to turn ``g`` at the output into ``g`` at the input, so that
+``R_i = x_i g_i`` (thesis 003, section 4.2.2). Every other module keeps its ordinary
+gradient, which gives exactly the usual LRP treatment of the rest of the network:
+
+* ReLU passes relevance through (``R(z) = R(relu(z))``, zero where ``z <= 0``);
+* max pooling sends the relevance to the winning input;
+* average pooling and the residual sum ``a + b`` redistribute in proportion to their
+  inputs (the z-rule without bias, zennit's ``Norm``) - so the skip connection gets its own,
+  conserving rule without any hook;
+* the input normalisation ``(x - mean) / std`` is element-wise, so the relevance of a
+  normalised value is the relevance of its pixel.
+
+Only the linear layers need custom backward passes (:class:`Rule`); they see the gradient
+arriving at their output and never recompute the forward pass, so the epsilon rule costs a
+forward and a backward pass. Batch norm is merged into the preceding linear layer first, on
+a deep copy of the network built once per model instance (:func:`canonized`). The served
+model itself is never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextvars import ContextVar
+from itertools import chain
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """``z + epsilon · sign(z)`` with ``sign(0) = +1`` (the epsilon rule's denominator)."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+def linear_map(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``layer``'s linear map with ``weight`` in place of its own, and no bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight)
+    conv = _CONV[weight.dim() - 2]
+    return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def linear_map_transpose(layer: nn.Module, shape: torch.Size, weight: Tensor, v: Tensor) -> Tensor:
+    """The transpose of :func:`linear_map` applied to ``v`` (a vector-Jacobian product)."""
+    if isinstance(layer, nn.Linear):
+        return v @ weight
+    conv_input = _CONV_INPUT[weight.dim() - 2]
+    return conv_input(shape, weight, v, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# --------------------------------------------------------------------------- rules
+class Rule(ABC):
+    """An LRP rule for a linear layer in modified-gradient form (one configurable core).
+
+    Subclasses implement :meth:`input_gradient`; the core (:class:`_RuleFunction`) calls it
+    in the backward pass and books the relevance the layer absorbs (bias, stabiliser) into
+    :attr:`absorbed`, per sample, so that
+    ``sum(input relevance) + absorbed == explained logit`` (the conservation check).
+    """
+
+    def __init__(self) -> None:
+        self.absorbed: Tensor | None = None
+
+    @abstractmethod
+    def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
+        """Modified gradient ``g_in`` with ``x · g_in = R_in``, given ``R_out = z · grad``."""
+
+    def book(self, x: Tensor, z: Tensor, grad: Tensor, grad_in: Tensor) -> None:
+        """Add ``Σ R_out - Σ R_in`` of one layer to :attr:`absorbed`."""
+        lost = (z * grad).flatten(1).sum(1) - (x * grad_in).flatten(1).sum(1)
+        self.absorbed = lost if self.absorbed is None else self.absorbed + lost
+
+
+class Epsilon(Rule):
+    """``R_i = Σ_j z_ij / (z_j + ε sign(z_j)) R_j`` (thesis 003, section 4.2.2, epsilon variant).
+
+    ``ε = 0`` is the basic rule. In gradient form: ``g_in = Wᵀ (g · z / (z + ε sign z))``.
+    """
+
+    def __init__(self, epsilon: float) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+
+    def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
+        scaled = grad * z / stabilize(z, self.epsilon)
+        return linear_map_transpose(layer, x.shape, layer.weight, scaled)
+
+
+class AlphaBeta(Rule):
+    """``R_i = Σ_j (α z⁺_ij / Σ_i' z⁺_i'j + β z⁻_ij / Σ_i' z⁻_i'j) R_j`` (thesis 003, 4.2.2).
+
+    The thesis's convention: ``α + β = 1``, ``α > 0``, ``β <= 0`` (``α=2, β=-1`` is zennit's
+    ``AlphaBeta(alpha=2, beta=1, zero_params="bias")``). ``z⁺_ij`` are the positive
+    contributions ``x_i w_ij`` (``x⁺ w⁺`` and ``x⁻ w⁻``), ``z⁻_ij`` the negative ones; biases
+    are not contributions. Denominators are stabilised by ``stabilizer · sign``.
+    """
+
+    def __init__(self, alpha: float, beta: float, stabilizer: float = 1e-6) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+
+    def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
+        relevance = z * grad
+        w_pos, w_neg = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        signed = bool((x_neg != 0).any())
+        z_pos, z_neg = linear_map(layer, x_pos, w_pos), linear_map(layer, x_pos, w_neg)
+        if signed:
+            z_pos = z_pos + linear_map(layer, x_neg, w_neg)
+            z_neg = z_neg + linear_map(layer, x_neg, w_pos)
+        c_pos = self.alpha * relevance / stabilize(z_pos, self.stabilizer)
+        c_neg = self.beta * relevance / stabilize(z_neg, self.stabilizer)
+        back = linear_map_transpose
+        g_pos = back(layer, x.shape, w_pos, c_pos) + back(layer, x.shape, w_neg, c_neg)
+        if not signed:
+            return torch.where(x > 0, g_pos, 0.0)
+        g_neg = back(layer, x.shape, w_neg, c_pos) + back(layer, x.shape, w_pos, c_neg)
+        return torch.where(x > 0, g_pos, torch.where(x < 0, g_neg, 0.0))
+
+
+class _RuleFunction(torch.autograd.Function):
+    """Identity on ``layer(x)`` forwards; ``rule.input_gradient`` backwards (no recomputation)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: nn.Module, rule: Rule) -> Tensor:
+        z = layer(x)
+        ctx.layer, ctx.rule = layer, rule
+        ctx.save_for_backward(x, z)
+        return z.clone()  # callers may add to it in place (the residual ``out += identity``)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        x, z = ctx.saved_tensors
+        grad_in = ctx.rule.input_gradient(ctx.layer, x, z, grad)
+        ctx.rule.book(x, z, grad, grad_in)
+        return grad_in, None, None
+
+
+_ACTIVE_RULE: ContextVar[Rule | None] = ContextVar("lrp_active_rule", default=None)
+
+
+@contextlib.contextmanager
+def active_rule(rule: Rule) -> Iterator[Rule]:
+    """Apply ``rule`` to the linear layers of canonized copies within this context (per thread)."""
+    token = _ACTIVE_RULE.set(rule)
+    try:
+        yield rule
+    finally:
+        _ACTIVE_RULE.reset(token)
+
+
+class RuleLayer(nn.Module):
+    """A linear layer of a canonized copy: plain forward, or the active rule's backward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        rule = _ACTIVE_RULE.get()
+        if rule is None:
+            return self.layer(x)
+        return _RuleFunction.apply(x, self.layer, rule)
+
+
+# --------------------------------------------------------------------------- canonization
+def _fold_batch_norm(layer: nn.Module, bn: _BatchNorm) -> None:
+    """Merge eval-mode ``bn`` into the linear ``layer`` that feeds it (in float64)."""
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
+    weight = layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+    bias = shift if layer.bias is None else layer.bias.double() * scale + shift
+    dtype = layer.weight.dtype
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+
+
+def _mergeable(layer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(layer, LINEAR_TYPES) or not isinstance(bn, _BatchNorm):
+        return False
+    if bn.running_var is None or bn.running_mean is None:
+        return False
+    return layer.weight.shape[0] == bn.num_features
+
+
+def merge_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm that directly follows a linear layer among siblings; count them.
+
+    "Directly follows" is judged by registration order (``Sequential`` order, and
+    ``conv1, bn1, ...`` in torchvision blocks); :func:`canonized` verifies the result.
+    """
+    merged = 0
+    children = list(module.named_children())
+    for (_, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
+        if _mergeable(layer, bn):
+            _fold_batch_norm(layer, bn)
+            setattr(module, bn_name, nn.Identity())
+            merged += 1
+    for _, child in module.named_children():
+        merged += merge_batch_norms(child)
+    return merged
+
+
+def _wrap_linear_layers(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, LINEAR_TYPES) and _supported(child):
+            setattr(module, name, RuleLayer(child))
+        else:
+            _wrap_linear_layers(child)
+
+
+def _supported(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
+def canonize(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` with batch norm merged and rule-aware linear layers."""
+    duplicate = copy.deepcopy(network).eval()
+    for parameter in duplicate.parameters():
+        parameter.requires_grad_(False)
+    merge_batch_norms(duplicate)
+    _wrap_linear_layers(duplicate)
+    return duplicate
+
+
+class _Entry(NamedTuple):
+    network: nn.Module
+    fingerprint: tuple[Any, ...]
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _fingerprint(network: nn.Module) -> tuple[Any, ...]:
+    """Storage, version and device of every tensor: changes when weights change in place."""
+    tensors = chain(network.parameters(), network.buffers())
+    return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors)
+
+
+def canonized(network: nn.Module, probe: Tensor) -> nn.Module:
+    """The cached canonized copy of ``network`` (built, and checked on ``probe``, once).
+
+    Raises:
+        RuntimeError: The canonized copy does not compute the same function (an
+            architecture whose batch norms are not where registration order says).
+    """
+    fingerprint = _fingerprint(network)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(network)
+        if entry is not None and entry.fingerprint == fingerprint:
+            return entry.network
+        duplicate = canonize(network)
+        with torch.no_grad():
+            expected, got = network(probe), duplicate(probe)
+        tolerance = 1e-3 * (1.0 + float(expected.abs().max()))
+        if not torch.allclose(expected, got, rtol=0.0, atol=tolerance):
+            raise RuntimeError("LRP canonization changed the network's output; unsupported layout")
+        _CACHE[network] = _Entry(duplicate, fingerprint)
+        return duplicate

@@ -1,0 +1,70 @@
+"""Neural activation map (NAM) of a penultimate-layer feature."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor, autograd, nn
+
+from handlers.explainers.base import (
+    Attribution,
+    Explainer,
+    ExplainerParams,
+    InvalidParameter,
+    register,
+    resolve_targets,
+    select_logits,
+)
+from handlers.explainers.gradcam import Interpolation, split_model, upsample
+
+
+class NamParams(ExplainerParams):
+    """NAM parameters (paper 002, Appendix A.1)."""
+
+    feature: int | None = Field(
+        None, ge=0, description="penultimate-layer feature; default: the target's most important"
+    )
+    interpolation: Interpolation = Field("bilinear", description="resizing to the image size")
+
+
+@register("nam")
+class Nam(Explainer):
+    """Neural activation map (paper 002, Appendix A.1).
+
+    The feature map ``A^k`` of penultimate-layer feature ``k`` (the channel of the last
+    convolutional block, before global average pooling) is normalised to [0, 1] per image
+    and resized to the image. Without ``feature``, ``k`` is the feature with the highest
+    importance for the target class (paper 002, section 3.2: mean activation times the
+    last-layer weight; computed as ``e_k · ∂y_c/∂e_k`` so it also holds for deeper heads).
+    ``extras``: ``feature`` and its ``importance`` per image. The map is spread equally
+    over the input channels.
+    """
+
+    Params = NamParams
+
+    def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
+        """Pick the feature (given or most important), normalise its map, resize."""
+        feature_map, head = split_model(model)
+        activations = feature_map(images).detach().requires_grad_(True)
+        logits = head(activations)
+        targets = resolve_targets(logits, targets)
+        (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
+        embedding = activations.detach().mean(dim=(2, 3))
+        importance = embedding * grad.sum(dim=(2, 3))
+        num = activations.shape[1]
+        if self.params.feature is None:
+            features = importance.argmax(dim=1)
+        elif self.params.feature >= num:
+            raise InvalidParameter("feature", f"{self.params.feature} is out of range for {num} features")
+        else:
+            features = targets.new_full(targets.shape, self.params.feature)
+        rows = range(len(features))
+        maps = activations.detach()[rows, features]
+        low = maps.amin(dim=(1, 2), keepdim=True)
+        span = (maps.amax(dim=(1, 2), keepdim=True) - low).clamp(min=1e-12)
+        nam = upsample((maps - low) / span, images.shape[-2:], self.params.interpolation)
+        relevance = (nam / images.shape[1]).unsqueeze(1).expand_as(images).contiguous()
+        extras = {
+            "feature": features.tolist(),
+            "importance": importance[rows, features].tolist(),
+        }
+        return Attribution(relevance, targets, extras)
