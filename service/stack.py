@@ -45,8 +45,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc), including those in other process groups
+    (an RQ work horse calls ``setpgrp``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat_line.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout``."""
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout``
+    (including descendants that left the group)."""
+    family = descendants(pid)
+    try:
+        _stop_group(pid, timeout)
+    finally:
+        _kill_all([p for p in family if _alive(p)])
+
+
+def _stop_group(pid: int, timeout: float) -> None:
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -121,10 +159,12 @@ class ManagedProcess:
     def kill(self) -> None:
         """SIGKILL the whole group at once (a crash, for fault tests)."""
         if self.process is not None:
+            family = descendants(self.process.pid)
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _kill_all(family)
             self.process.wait(10)
             self.process = None
 
