@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,9 +26,10 @@ from handlers.contract import (
     RobustnessRequest,
     RobustnessResult,
 )
-from handlers.criticism.methods import Selection, SelectionInputs, get_selection
-from handlers.validation import InvalidParameter, UnknownMethod
 from service.torchserve_client import SyncTorchServeClient
+
+if TYPE_CHECKING:  # the selection library is imported lazily (first criticism job)
+    from handlers.criticism.methods import Selection, SelectionInputs
 
 JOB_KEYS = ("attack", "attack_params", "class_index")
 
@@ -47,6 +48,9 @@ def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> di
 
 def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
     """Why these criticism parameters are invalid, or None (used by the gateway: 422)."""
+    from handlers.criticism.methods import get_selection
+    from handlers.validation import InvalidParameter, UnknownMethod
+
     try:
         model = get_selection(method).params_model
         model.model_validate(selection_params(params, m))
@@ -75,6 +79,8 @@ def gather_inputs(
     batch_size: int,
     progress: Callable[[float], None],
 ) -> SelectionInputs:
+    from handlers.criticism.methods import SelectionInputs
+
     n = len(images)
     if method == "random":
         return SelectionInputs(count=n)
@@ -106,4 +112,6 @@ def gather_inputs(
 def run_selection(
     method: str, inputs: SelectionInputs, params: dict[str, Any], m: int
 ) -> Selection:
+    from handlers.criticism.methods import get_selection
+
     return get_selection(method).select(inputs, selection_params(params, m, inputs.n))

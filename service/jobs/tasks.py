@@ -17,7 +17,6 @@ from typing import Any
 from rq import get_current_job
 
 from handlers.contract import FilterRequest, FilterResult
-from handlers.validation import InvalidParameter, UnknownMethod
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs.criticism import class_index, gather_inputs, run_selection
@@ -107,7 +106,7 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         selection = run_selection(spec["method"], inputs, params, int(spec["m"]))
-    except (InvalidParameter, UnknownMethod, ValueError) as exc:
+    except (LookupError, ValueError) as exc:  # the library's InvalidParameter / UnknownMethod
         raise _fail(f"invalid criticism parameters: {exc}") from None
     set_progress(1.0)
     return {
