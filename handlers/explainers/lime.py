@@ -32,7 +32,7 @@ class LimeParams(StochasticParams, BatchedParams):
     compactness: float = Field(10.0, gt=0.0, description="SLIC: colour vs. space trade-off")
     slic_sigma: float = Field(1.0, ge=0.0, description="SLIC: Gaussian pre-smoothing width")
     hide_color: Literal["mean"] | float = Field(
-        "mean", description="fill of hidden superpixels: their mean colour, or a grey level in [0, 1]"
+        0.5, description="fill of hidden superpixels: a grey level in [0, 1], or 'mean' colour"
     )
     surrogate: Literal["ridge", "lasso"] = "ridge"
     alpha: float | None = Field(None, ge=0.0, description="surrogate regularisation (1 ridge, 0.01 lasso)")
@@ -109,6 +109,13 @@ class Lime(Explainer):
     ``hide_color``) and scored by the model ``batch_size`` at a time (the target's softmax
     probability by default); kernel ``π = exp(-d²/σ²)`` (eq. 5); K superpixels selected by
     the weighted Lasso path, then a weighted ridge (or lasso) fit on them (eqs. 6-7).
+
+    Hidden superpixels are grey (0.5) by default, not their mean colour (the ``lime``
+    package's default): a hidden sky superpixel filled with its mean colour is still sky
+    blue, so the surrogate cannot see a reliance on background colour. On the demo data
+    (24 test images, n=500) the share of positive LIME mass on the planted background is
+    0.40 for shapes-resnet vs 0.18 for shapes-resnet-fair with grey, but 0.50 vs 0.56 with
+    the mean colour; on the object itself (fair model) 0.81 with grey vs 0.48 with the mean.
 
     The relevance of a pixel is its superpixel's weight, spread equally over the channels.
     ``extras``: ``segments`` (B, H, W) int32, and per image ``weights`` (S values, zero

@@ -78,18 +78,20 @@ def _slow_scores(model, image, target, segments, samples, fill) -> np.ndarray:
     return np.array(out)
 
 
-def test_batched_perturbations_equal_a_slow_loop() -> None:
+@pytest.mark.parametrize("hide_color", ["mean", 0.5])
+def test_batched_perturbations_equal_a_slow_loop(hide_color: str | float) -> None:
     torch.set_num_threads(1)
     model, image = make_classifier(), make_images(1)[0]
-    explainer = Lime({"n": 20, "n_segments": 8, "batch_size": 7})
+    explainer = Lime({"n": 20, "n_segments": 8, "batch_size": 7, "hide_color": hide_color})
     segments = segment(image, explainer.params)
     generator = torch.Generator().manual_seed(3)
     samples = torch.randint(0, 2, (20, int(segments.max()) + 1), generator=generator, dtype=torch.uint8)
     fast = explainer._score(model, image, 2, torch.as_tensor(segments), samples)
     seg = torch.as_tensor(segments)
-    fill = torch.zeros_like(image)
+    fill = torch.full_like(image, 0.5)
     for s in range(int(segments.max()) + 1):
-        fill[:, seg == s] = image[:, seg == s].mean(dim=1, keepdim=True)
+        if hide_color == "mean":
+            fill[:, seg == s] = image[:, seg == s].mean(dim=1, keepdim=True)
     slow = _slow_scores(model, image, 2, seg, samples.numpy(), fill)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-7)
 
