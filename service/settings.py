@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     describe_cache_s: float = Field(300.0, ge=0)
 
+    # --- admission control: requests in flight per route class; more are answered 429
+    max_inflight_predict: int = Field(32, ge=1)
+    max_inflight_explain: int = Field(4, ge=1)
+    max_inflight_uploads: int = Field(2, ge=1)
+    overload_retry_after_s: int = Field(1, ge=1)
+
     # --- Redis and RQ
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(2.0, gt=0)

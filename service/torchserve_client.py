@@ -4,9 +4,10 @@
 :class:`SyncTorchServeClient` (RQ workers) share the request building and reply mapping
 below. Every TorchServe failure becomes an :class:`~service.errors.ApiError` with a status
 the gateway can answer as is: unreachable -> 503, read timeout -> 504, TorchServe's own
-503 (no worker / queue full) -> 503 with ``Retry-After``, the handler's ``ErrorBody`` ->
-its 4xx with code and message, anything else -> 502. The inference token is read from
-TorchServe's key file (re-read when the file changes) and never logged or echoed.
+503 (no worker / queue full) and a full connection pool -> 503 with ``Retry-After``, the
+handler's ``ErrorBody`` -> its 4xx with code and message, anything else -> 502. The
+inference token is read from TorchServe's key file (re-read when the file changes) and
+never logged or echoed.
 """
 
 from __future__ import annotations
@@ -114,10 +115,15 @@ def map_reply(response: httpx.Response, result_model: type[R], retry_after_s: in
     raise ApiError(502, "model_server_error", "the model server failed to answer the request")
 
 
-def _transport_error(exc: httpx.HTTPError) -> ApiError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(
-        exc, httpx.ConnectTimeout | httpx.PoolTimeout
-    ):
+def _transport_error(exc: httpx.HTTPError, retry_after_s: int) -> ApiError:
+    if isinstance(exc, httpx.PoolTimeout):  # every pooled connection is busy: back off
+        return ApiError(
+            503,
+            "model_server_busy",
+            "all connections to the model server are busy; retry later",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return ApiError(504, "model_server_timeout", "the model server did not answer in time")
     return ApiError(503, "model_server_unavailable", "the model server is unreachable")
 
@@ -172,7 +178,7 @@ class AsyncTorchServeClient:
                 _model_path(model), content=body, headers=headers, **extra
             )
         except httpx.HTTPError as exc:
-            raise _transport_error(exc) from None
+            raise _transport_error(exc, self.settings.torchserve_retry_after_s) from None
         return map_reply(response, result_model, self.settings.torchserve_retry_after_s)
 
     async def describe(self, model: str) -> DescribeResult:
@@ -230,7 +236,7 @@ class SyncTorchServeClient:
                 response = self._client.post(_model_path(model), content=body, headers=headers)
                 return map_reply(response, result_model, self.settings.torchserve_retry_after_s)
             except httpx.HTTPError as exc:
-                error = _transport_error(exc)
+                error = _transport_error(exc, self.settings.torchserve_retry_after_s)
             except ApiError as exc:
                 error = exc
             if error.status not in (503,) or attempt == attempts - 1:

@@ -1,7 +1,8 @@
 """The gateway application factory: ``create_app(settings)``.
 
-Middleware (outermost first): Prometheus request metrics, then the streaming body-size
-limit, then FastAPI's routing with the error handlers of ``service.errors``.
+Middleware (outermost first): Prometheus request metrics, then admission control (429 with
+``Retry-After`` when a route class has too many requests in flight), then the streaming
+body-size limit, then FastAPI's routing with the error handlers of ``service.errors``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from service.errors import install_error_handlers
+from service.gateway.admission import AdmissionMetrics, AdmissionMiddleware, route_classes
 from service.gateway.deps import ModelRegistry
 from service.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from service.gateway.routers import datasets, health, inference, jobs, models
@@ -81,6 +83,16 @@ def create_app(
             BodyLimit("POST", "/v1/datasets", settings.max_archive_bytes),
             BodyLimit("POST", "/v1/jobs", settings.max_json_bytes),
         ],
+    )
+    app.add_middleware(
+        AdmissionMiddleware,
+        classes=route_classes(
+            settings.max_inflight_predict,
+            settings.max_inflight_explain,
+            settings.max_inflight_uploads,
+        ),
+        retry_after_s=settings.overload_retry_after_s,
+        metrics=AdmissionMetrics(metrics.registry),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, models=settings.models)
     return app
