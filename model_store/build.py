@@ -5,7 +5,8 @@ Examples::
     python -m model_store.build --demo                       # the three demo models
     python -m model_store.build --name my-resnet50 --arch resnet50 \\
         --weights resnet50.pth --labels imagenet_classes.txt  # local weights, ImageNet labels
-    python -m model_store.build --name rn18-random --arch resnet18 --random-weights
+    python -m model_store.build --name rn18-random --arch resnet18 --random-weights \\
+        --batch-size 8 --max-batch-delay 5 --workers 1           # benchmarks: tuned config
 
 Each archive carries the weights (in our SplitNetwork layout), ``model_spec.json``
 (architecture, preprocessing, labels, metrics, seeds), TorchServe's ``index_to_name.json``
@@ -91,6 +92,7 @@ def read_labels(path: Path | None, num_classes: int) -> list[str]:
 def build_torchvision(
     name: str, arch: str, weights: Path | None, labels: Path | None,
     num_classes: int, preprocessing: Preprocessing, out_dir: Path,
+    config: dict[str, object] | None = None,
 ) -> Path:
     """Archive a torchvision architecture from a local ``state_dict`` (or random weights)."""
     state_dict = None
@@ -111,7 +113,7 @@ def build_torchvision(
             (model_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
         else:
             save_model_dir(model_dir, spec, network)
-        return archive(model_dir, out_dir)
+        return archive(model_dir, out_dir, config)
 
 
 def ensure_demo_archives(out_dir: Path | None = None) -> Path:
@@ -138,6 +140,11 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=IMAGENET.resize)
     parser.add_argument("--crop", type=int, default=IMAGENET.crop)
     parser.add_argument("--out", type=Path, default=paths.ARCHIVE_DIR)
+    tuning = parser.add_argument_group("TorchServe model config (defaults: see DEFAULT_MODEL_CONFIG)")
+    tuning.add_argument("--batch-size", type=int, help="most requests TorchServe batches into one call")
+    tuning.add_argument("--max-batch-delay", type=int, help="ms TorchServe waits to fill a batch")
+    tuning.add_argument("--workers", type=int, help="worker processes for this model (min = max)")
+    tuning.add_argument("--response-timeout", type=int, help="s before TorchServe gives up on a call")
     args = parser.parse_args()
     if args.demo:
         print(f"demo archives in {ensure_demo_archives(args.out)}")
@@ -145,7 +152,17 @@ def main() -> None:
     if not (args.name and args.arch) or (args.weights is None) == (not args.random_weights):
         parser.error("give --name, --arch and exactly one of --weights or --random-weights")
     preprocessing = IMAGENET.model_copy(update={"resize": args.resize, "crop": args.crop})
-    mar = build_torchvision(args.name, args.arch, args.weights, args.labels, args.num_classes, preprocessing, args.out)
+    overrides = {
+        key: value for key, value in (
+            ("batchSize", args.batch_size), ("maxBatchDelay", args.max_batch_delay),
+            ("minWorkers", args.workers), ("maxWorkers", args.workers),
+            ("responseTimeout", args.response_timeout),
+        ) if value is not None
+    }
+    mar = build_torchvision(
+        args.name, args.arch, args.weights, args.labels, args.num_classes, preprocessing, args.out,
+        model_config(**overrides),
+    )
     print(f"wrote {mar}")
 
 
