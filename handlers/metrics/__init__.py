@@ -1,0 +1,1 @@
+"""Metrics of explanations: APEM and the Explanation Filter (thesis 003)."""

@@ -1,0 +1,73 @@
+"""Parameter validation shared by the attacks, metrics and criticism methods (torch-free).
+
+Every method takes its parameters as a pydantic model. A request's ``params`` dict is
+parsed with :func:`parse_params`; any bad value becomes one :class:`InvalidParameter`
+naming the parameter and the reason, which the TorchServe handler maps to HTTP 422.
+An unknown method name becomes :class:`UnknownMethod` (also a 422, or 404 if preferred).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+P = TypeVar("P", bound=BaseModel)
+
+
+class InvalidParameter(ValueError):
+    """A parameter value that a method cannot accept.
+
+    Attributes:
+        param: dotted name of the offending parameter (``"eps"``, ``"grid.step"``).
+        reason: human-readable reason, suitable for an API error message.
+    """
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"invalid parameter {param!r}: {reason}")
+        self.param = param
+        self.reason = reason
+
+
+class UnknownMethod(LookupError):
+    """A method name that is not in the registry it was looked up in."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+
+
+class StrictParams(BaseModel):
+    """Base for parameter models: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_params(model: type[P], params: Mapping[str, Any] | P | None) -> P:
+    """Validate ``params`` against ``model``; raise :class:`InvalidParameter` on the first error.
+
+    Args:
+        model: the pydantic parameter model of a method.
+        params: a dict from a request, an instance of ``model`` (returned as is) or None
+            (all defaults).
+
+    Returns:
+        The validated parameter object.
+
+    Raises:
+        InvalidParameter: naming the first offending parameter.
+    """
+    if isinstance(params, model):
+        return params
+    try:
+        return model.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, InvalidParameter):  # raised by a model validator
+            raise InvalidParameter(cause.param, cause.reason) from None
+        name = ".".join(str(part) for part in first["loc"]) or "params"
+        raise InvalidParameter(name, first["msg"]) from None

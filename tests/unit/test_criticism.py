@@ -1,0 +1,164 @@
+"""Model criticism selection: MMD-critic against brute force, baselines, registry, gallery."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.criticism import (
+    SelectionInputs,
+    available_selections,
+    gallery_png,
+    get_selection,
+    select,
+)
+from handlers.criticism import selection as sel
+from handlers.validation import InvalidParameter, UnknownMethod
+
+
+def _embeddings(n: int = 60, d: int = 5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(3, d))
+    return centres[rng.integers(0, 3, n)] + rng.normal(size=(n, d))
+
+
+def test_selection_package_does_not_import_torch() -> None:
+    code = (
+        "import sys; import handlers.criticism, handlers.criticism.selection, "
+        "handlers.criticism.methods, handlers.criticism.gallery; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rbf_kernel_and_median_heuristic() -> None:
+    x = _embeddings(20)
+    kernel, sigma = sel.rbf_kernel(x)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    assert sigma == pytest.approx(np.median(d[np.triu_indices(20, 1)]))
+    assert np.allclose(kernel, np.exp(-(d**2) / (2 * sigma**2)))
+    assert sel.rbf_kernel(x, bandwidth=2.0)[1] == 2.0
+
+
+def _greedy_prototypes_brute_force(kernel: np.ndarray, m: int) -> tuple[list[int], list[float]]:
+    chosen: list[int] = []
+    values = []
+    for _ in range(m):
+        scores = [(-np.inf if c in chosen else sel.j_b(kernel, [*chosen, c])) for c in range(len(kernel))]
+        chosen.append(int(np.argmax(scores)))
+        values.append(max(scores))
+    return chosen, values
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prototypes_equal_brute_force_greedy_j_b(seed: int) -> None:
+    kernel, _ = sel.rbf_kernel(_embeddings(seed=seed))
+    picked, values = sel.mmd_prototypes(kernel, 8)
+    expected, expected_values = _greedy_prototypes_brute_force(kernel, 8)
+    assert picked.tolist() == expected
+    assert np.allclose(values, expected_values)
+
+
+def _criticisms_brute_force(kernel: np.ndarray, protos: list[int], m: int, lam: float) -> list[int]:
+    n = len(kernel)
+    w = kernel.mean(0) - kernel[protos].mean(0)
+    chosen: list[int] = []
+    for _ in range(m):
+        best, best_value = -1, -np.inf
+        for c in range(n):
+            if c in protos or c in chosen:
+                continue
+            subset = [*chosen, c]
+            sign, logdet = np.linalg.slogdet(kernel[np.ix_(subset, subset)])
+            value = np.abs(w[subset]).sum() + lam * (logdet if sign > 0 else -np.inf)
+            if value > best_value:
+                best, best_value = c, value
+        chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("lam", [1e-5, 0.05, 1.0])
+def test_criticisms_equal_brute_force_with_log_determinant(lam: float) -> None:
+    kernel, _ = sel.rbf_kernel(_embeddings(seed=3))
+    protos = sel.mmd_prototypes(kernel, 5)[0].tolist()
+    picked, witness = sel.mmd_criticisms(kernel, protos, 7, lam)
+    assert picked.tolist() == _criticisms_brute_force(kernel, protos, 7, lam)
+    assert np.allclose(witness, (kernel.mean(0) - kernel[protos].mean(0))[picked])
+    assert not set(picked) & set(protos)
+
+
+def test_diversity_regulariser_avoids_duplicates() -> None:
+    x = _embeddings(40, seed=4)
+    x = np.concatenate([x, x[:1] + 1e-9, x[:1] + 2e-9, np.full((1, 5), 40.0)])  # near-copies and an outlier
+    kernel, _ = sel.rbf_kernel(x)
+    picked, _ = sel.mmd_criticisms(kernel, [], 3, lam=1.0)
+    assert len({tuple(np.round(x[i], 6)) for i in picked}) == 3
+
+
+def test_adversarial_selection_semantics() -> None:
+    steps = [None, 3, 1, -1, 0, 2, 1, -1]
+    robustness = [0.5, 0.1, 0.9, 0.9, 0.0, 0.3, 0.2, 0.7]
+    (protos, p_steps), (crits, c_steps) = sel.adversarial_selection(steps, 3, 4, robustness)
+    assert protos.tolist() == [3, 7, 0] and p_steps.tolist() == [-1, -1, -1]
+    assert crits.tolist() == [6, 2, 5, 1] and c_steps.tolist() == [1, 1, 2, 3]
+    (_, _), (crits, _) = sel.adversarial_selection(steps, 3, 2, robustness, include_misclassified=True)
+    assert crits.tolist() == [4, 6]
+
+
+def test_probability_and_random_baselines() -> None:
+    confidence = np.array([0.95, 0.05, 0.5, 0.99, 0.08, 0.91, 0.2])
+    (protos, p), (crits, c) = sel.probability_selection(confidence, 5, 5)
+    assert protos.tolist() == [3, 0, 5] and crits.tolist() == [1, 4]
+    assert p.tolist() == [0.99, 0.95, 0.91]
+    first = sel.random_selection(30, 4, 4, seed=3)
+    again = sel.random_selection(30, 4, 4, seed=3)
+    assert np.array_equal(first[0][0], again[0][0]) and np.array_equal(first[1][0], again[1][0])
+    assert len(set(first[0][0]) | set(first[1][0])) == 8
+
+
+INPUTS = SelectionInputs(
+    embeddings=_embeddings(30),
+    confidence=np.linspace(0, 1, 30),
+    steps_to_flip=np.array([(-1 if i % 3 == 0 else i % 5) for i in range(30)]),
+)
+
+
+@pytest.mark.parametrize("method", available_selections())
+def test_every_registered_method_returns_valid_items(method: str) -> None:
+    result = select(method, INPUTS, {"prototypes": 2, "criticisms": 3})
+    assert result.method == method
+    indices = [i.index for i in result.prototypes + result.criticisms]
+    assert len(indices) == len(set(indices)) and all(0 <= i < 30 for i in indices)
+    assert len(result.prototypes) == 2 and len(result.criticisms) == 3
+    assert result.to_dict()["params"]["prototypes"] == 2
+
+
+def test_registry_and_parameter_errors() -> None:
+    assert set(available_selections()) == {"adversarial", "mmd", "probs", "random"}
+    with pytest.raises(UnknownMethod):
+        get_selection("kmeans")
+    with pytest.raises(InvalidParameter) as info:
+        select("probs", INPUTS, {"low": 0.95, "high": 0.9})
+    assert info.value.param == "low"
+    with pytest.raises(InvalidParameter) as info:
+        select("mmd", INPUTS, {"bandwidth": 0})
+    assert info.value.param == "bandwidth"
+    with pytest.raises(InvalidParameter, match="embeddings"):
+        select("mmd", SelectionInputs(count=5))
+
+
+def test_gallery_png_has_two_rows_of_tiles() -> None:
+    rng = np.random.default_rng(0)
+    images = (rng.random((30, 16, 16, 3)) * 255).astype(np.uint8)
+    result = select("adversarial", INPUTS, {"prototypes": 3, "criticisms": 2})
+    picture = Image.open(io.BytesIO(gallery_png(images, result, tile=32)))
+    assert picture.format == "PNG" and picture.mode == "RGB"
+    assert picture.size[1] > 2 * 32 and picture.size[0] >= 3 * 32
+    tile = np.asarray(picture)[12 : 12 + 32, 72 : 72 + 32]  # first prototype's tile
+    expected = np.asarray(Image.fromarray(images[result.prototypes[0].index]).resize((32, 32), Image.Resampling.NEAREST))
+    assert np.array_equal(tile, expected)

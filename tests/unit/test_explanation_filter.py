@@ -1,0 +1,70 @@
+"""Explanation Filter: the batched filter returns the literal Algorithm 2's map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from handlers.metrics.explanation_filter import (
+    explanation_filter,
+    explanation_filter_literal,
+    quantise,
+)
+from handlers.validation import InvalidParameter
+from tests.unit.adversarial_helpers import assert_unchanged, images, snapshot, tiny_cnn
+
+APEM = {"step": 0.25, "max_steps": 120}
+
+
+def _map(seed: int, channels: int, levels: int = 8) -> torch.Tensor:
+    """A 16x16 map with few distinct values (``levels`` steps of 1/levels, zeros included)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, levels + 1, (channels, 16, 16), generator=generator).double() / levels
+    return values[0] if channels == 1 else values
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("channels", "batch"), [(1, 1), (1, 3), (3, 2)])
+def test_batched_filter_equals_the_literal_algorithm(seed: int, channels: int, batch: int) -> None:
+    model, image = tiny_cnn(seed=seed), images(1, size=16, seed=seed)[0]
+    relevance = _map(seed, channels)
+    before = snapshot(model)
+    fast = explanation_filter(model, image, relevance, apem_params=APEM, params={"candidates_per_batch": batch})
+    literal = explanation_filter_literal(model, image, relevance, apem_params=APEM)
+    assert_unchanged(model, before)
+    assert torch.equal(fast.filtered, literal.filtered) and fast.filtered.shape == relevance.shape
+    assert fast.apem_before == literal.apem_before and fast.apem_after == literal.apem_after
+    assert fast.values_removed == literal.values_removed and fast.stop == literal.stop
+    assert fast.fraction_kept == pytest.approx(literal.fraction_kept)
+    assert fast.apem_after >= fast.apem_before
+    kept = int((fast.filtered > 0).sum()) / int((relevance > 0).sum())
+    assert fast.fraction_kept == pytest.approx(kept)
+    # what was removed is exactly the smallest distinct values
+    removed = torch.unique(relevance[relevance > 0])[: fast.values_removed]
+    assert torch.equal(fast.filtered, torch.where(torch.isin(relevance, removed), 0.0, relevance))
+
+
+def test_filter_removes_values_and_summarises() -> None:
+    """Across the seeds above at least one map loses values before APEM drops."""
+    removed = []
+    for seed in range(4):
+        model, image = tiny_cnn(seed=seed), images(1, size=16, seed=seed)[0]
+        outcome = explanation_filter(model, image, _map(seed, 1), apem_params=APEM)
+        removed.append(outcome.values_removed)
+        assert set(outcome.summary()) >= {"apem_before", "apem_after", "fraction_kept"}
+    assert max(removed) > 0
+
+
+def test_quantisation_bounds_the_distinct_values() -> None:
+    r = torch.rand(16, 16, dtype=torch.float64)
+    assert torch.unique(quantise(r, 5)).numel() <= 5
+    assert torch.equal(quantise(r, None), r)
+
+
+def test_bad_parameters() -> None:
+    model, image = tiny_cnn(), images(1, size=16)[0]
+    with pytest.raises(InvalidParameter) as info:
+        explanation_filter(model, image, _map(0, 1), params={"levels": 1})
+    assert info.value.param == "levels"
+    with pytest.raises(InvalidParameter, match="relevance"):
+        explanation_filter(model, image, _map(0, 1) + 1)
