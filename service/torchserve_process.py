@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,12 @@ def torchserve_executable() -> str:
     if not found:
         raise TorchServeError("torchserve is not installed in this environment")
     return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class TorchServeProcess:
@@ -66,6 +73,9 @@ class TorchServeProcess:
         self.inference_port = inference_port
         self.management_port = management_port
         self.metrics_port = metrics_port
+        # gRPC is unused but always opened (7070/7071 by default): free ports keep several
+        # servers (tests beside a dev stack, benchmarks) from colliding
+        self.grpc_ports = (_free_port(), _free_port())
         self.workers = workers
         self.job_queue_size = job_queue_size
         self.max_message_bytes = max_message_mb * 1024 * 1024
@@ -95,6 +105,8 @@ class TorchServeProcess:
             "inference_address": self.inference_url,
             "management_address": self.management_url,
             "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
             "model_store": self.model_store.as_posix(),
             "load_models": ",".join(self.models),
             "allowed_urls": f"file://{store}/.*",
