@@ -13,10 +13,15 @@ The configuration closes TorchServe down to what the gateway needs:
 
 Each instance gets its own state folder (its ``TMPDIR`` too, because TorchServe keeps its
 pid file in the temp folder), so several can run side by side (tests next to a dev stack).
+
+``python -m service.torchserve_process`` runs the same configuration in the foreground: the
+TorchServe container's command (docs/deploy.md), where a proxy beside it in the pod is the
+only way in (``service.torchserve_proxy``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -125,6 +130,16 @@ class TorchServeProcess:
 
     def start(self, timeout: float = 300) -> None:
         """Start TorchServe and block until every model answers a ping."""
+        self.launch(self.log_file)
+        try:
+            self.wait_ready(timeout)
+        except Exception:
+            self.stop()
+            raise
+
+    def launch(self, log_file: Path | None) -> None:
+        """Write the config and start TorchServe without waiting (output to ``log_file``,
+        or to this process's own stdout when ``None``)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "tmp").mkdir(exist_ok=True)
         config = self.state_dir / "config.properties"
@@ -149,21 +164,37 @@ class TorchServeProcess:
             "--model-store",
             str(self.model_store),
         ]
-        with open(self.log_file, "ab") as log:
+        log = open(log_file, "ab") if log_file else None  # noqa: SIM115
+        try:
             self.process = subprocess.Popen(
                 command,
                 cwd=self.state_dir,
                 env=env,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT if log else None,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        finally:
+            if log is not None:
+                log.close()
+
+    def run_foreground(self, grace_s: float = 30) -> int:
+        """Run until TorchServe exits (its status) or SIGTERM/SIGINT stops it (0)."""
+
+        def on_signal(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.launch(None)
+        assert self.process is not None
         try:
-            self.wait_ready(timeout)
-        except Exception:
-            self.stop()
-            raise
+            return self.process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop(grace_s)
 
     def inference_token(self) -> str:
         """The current inference token from ``key_file.json``."""
@@ -231,3 +262,63 @@ class TorchServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.torchserve_process``: TorchServe in the foreground (containers).
+
+    Defaults come from the environment, with the names the local stack uses
+    (``BEYOND_TORCHSERVE_PORT`` ...) plus the settings' ``BEYOND_MODELS`` and
+    ``BEYOND_STATE_DIR`` and the model store's ``BEYOND_MODEL_STORE_DIR``.
+    """
+    from model_store import paths
+    from service.settings import get_settings
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m service.torchserve_process", description=main.__doc__
+    )
+    parser.add_argument("--model-store", type=Path, default=paths.ARCHIVE_DIR)
+    parser.add_argument("--models", default=",".join(settings.models))
+    parser.add_argument("--state-dir", type=Path, default=settings.state_dir / "torchserve")
+    parser.add_argument("--port", type=int, default=_env_int("BEYOND_TORCHSERVE_PORT", 8080))
+    parser.add_argument(
+        "--management-port", type=int, default=_env_int("BEYOND_TORCHSERVE_MANAGEMENT_PORT", 8081)
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=_env_int("BEYOND_TORCHSERVE_METRICS_PORT", 8082)
+    )
+    parser.add_argument("--workers", type=int, default=_env_int("BEYOND_TORCHSERVE_WORKERS", 1))
+    parser.add_argument(
+        "--token-expiration-min",
+        type=int,
+        default=_env_int("BEYOND_TORCHSERVE_TOKEN_EXPIRATION_MIN", 10080),
+    )
+    parser.add_argument("--torch-threads", type=int, default=_env_int("BEYOND_TORCH_THREADS", 0))
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    missing = [m for m in models if not (args.model_store / f"{m}.mar").is_file()]
+    if missing:
+        parser.error(
+            f"no archive for {missing} in {args.model_store} (python -m model_store.build)"
+        )
+    server = TorchServeProcess(
+        args.model_store,
+        [f"{m}.mar" for m in models],
+        args.state_dir,
+        inference_port=args.port,
+        management_port=args.management_port,
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        token_expiration_min=args.token_expiration_min,
+        torch_threads=args.torch_threads or None,
+    )
+    return server.run_foreground()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
