@@ -1,0 +1,43 @@
+"""The headless load-test runner end to end, briefly, against the session's real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import API_KEY, REPO, Stack
+
+pytestmark = pytest.mark.integration
+
+
+def run(stack: Stack, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BEYOND_LOAD_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "load_tests.run", "--url", stack.base_url, "--no-start"]
+    command += ["--out", str(out), *args]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_mixed_run_writes_the_report(stack: Stack, tmp_path: Path) -> None:
+    done = run(stack, tmp_path, "--users", "3", "--spawn-rate", "3", "--duration", "8s")
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: an objective missed
+    built = json.loads((tmp_path / "report.json").read_text())
+    routes = {r["name"]: r for r in built["routes"]}
+    assert routes["POST /predict"]["requests"] > 0
+    assert routes["all"]["p95_ms"] >= routes["all"]["p50_ms"] > 0
+    assert {c["objective"] for c in built["objectives"]} >= {"error rate", "p95 POST /predict (ms)"}
+    assert (done.returncode == 0) == all(c["ok"] for c in built["objectives"])
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    assert "| route | requests |" in done.stdout
+
+
+def test_runner_refuses_other_hosts(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "load_tests.run", "--url", "http://192.0.2.1:8000"]
+    done = subprocess.run(
+        command + ["--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "loopback" in done.stderr
