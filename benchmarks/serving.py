@@ -1,0 +1,422 @@
+"""Predict throughput and latency, side by side on one model and one machine.
+
+Three arms, one after another in one run, each at several client concurrencies:
+
+* ``gateway``: multipart 256x256 JPEG to the gateway (decode, validate, PNG, TorchServe);
+* ``direct``: our JSON contract with a base64 PNG straight to TorchServe and our handler;
+* ``stock``: the JPEG to TorchServe's stock ``image_classifier`` handler with TorchServe's
+  defaults (no model config: one request per batch, the default worker count, torch's
+  default threads).
+
+Both TorchServe models are torchvision resnet18 with random weights, 224x224 after resize
+256 and center crop. Our archive comes from ``python -m model_store.build --random-weights``
+with the batch size, batch delay and workers given here; the stock archive is built in a
+temporary folder (``model.py`` + state dict, ``--handler image_classifier``). Every request
+is closed-loop: each of ``c`` clients sends its next request when the last one answered.
+
+    python benchmarks/serving.py                        # the table of docs/performance.md
+    python benchmarks/serving.py --sweep 1x2:1/0,1x2:8/5,2x1:8/5 --arms direct
+                                                        # choose workers x threads:batch/delay
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+
+from service.stack import free_port, gateway_process
+from service.torchserve_process import TorchServeProcess
+
+MODEL = "rn18-random"
+STOCK = "rn18-stock"
+API_KEY = "benchmark-key-0123456789abcdef"
+STOCK_MODEL_PY = '''"""torchvision resnet18 for TorchServe's eager-mode loader (one class in this file)."""
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class ImageClassifier(ResNet):
+    def __init__(self):
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+'''
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Our archive's model config and TorchServe's process settings."""
+
+    workers: int = 1
+    torch_threads: int = 2
+    batch_size: int = 8
+    max_batch_delay_ms: int = 5
+
+    @classmethod
+    def parse(cls, text: str) -> ServeConfig:
+        """``WxT:B/D``: workers x torch threads : batch size / batch delay (ms)."""
+        shape, _, batching = text.partition(":")
+        workers, _, threads = shape.partition("x")
+        batch, _, delay = batching.partition("/")
+        return cls(int(workers), int(threads), int(batch), int(delay or 0))
+
+    def label(self) -> str:
+        return f"{self.workers}x{self.torch_threads}:{self.batch_size}/{self.max_batch_delay_ms}"
+
+
+@dataclass
+class Measurement:
+    arm: str
+    config: str
+    concurrency: int
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+# --------------------------------------------------------------------------- inputs
+def sample_jpeg(size: int = 256) -> bytes:
+    """A deterministic photo-like 256x256 JPEG: smooth gradients, noise and a few shapes."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1) * 200
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((40, 50, 140, 150), fill=(220, 40, 40))
+    draw.rectangle((150, 120, 230, 220), fill=(30, 160, 60))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def as_png_b64(jpeg: bytes) -> str:
+    """What the gateway sends TorchServe for this JPEG: base64 of RGB PNG (level 1)."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").save(out, format="PNG", compress_level=1)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+# --------------------------------------------------------------------------- archives
+def build_ours(out: Path, config: ServeConfig) -> Path:
+    command = [
+        sys.executable, "-m", "model_store.build", "--name", MODEL, "--arch", "resnet18",
+        "--random-weights", "--out", str(out), "--batch-size", str(config.batch_size),
+        "--max-batch-delay", str(config.max_batch_delay_ms), "--workers", str(config.workers),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def build_stock(out: Path) -> Path:
+    """TorchServe's stock ``image_classifier`` on resnet18 with random weights, no config."""
+    import torch
+    import torchvision
+
+    work = out / "src"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), work / "weights.pth")
+    (work / "model.py").write_text(STOCK_MODEL_PY)
+    labels = {str(i): f"class_{i}" for i in range(1000)}
+    (work / "index_to_name.json").write_text(json.dumps(labels))
+    command = [
+        sys.executable, "-m", "model_archiver.model_packaging", "--model-name", STOCK,
+        "--version", "1.0", "--model-file", str(work / "model.py"),
+        "--serialized-file", str(work / "weights.pth"), "--handler", "image_classifier",
+        "--extra-files", str(work / "index_to_name.json"), "--export-path", str(out), "--force",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+class StockTorchServe(TorchServeProcess):
+    """TorchServe with its default worker count (ours pins one per model by default)."""
+
+    def config_properties(self) -> str:
+        lines = super().config_properties().splitlines(keepends=True)
+        return "".join(line for line in lines if not line.startswith("default_workers_per_model"))
+
+
+@contextmanager
+def torchserve(server: TorchServeProcess) -> Iterator[TorchServeProcess]:
+    saved = {
+        k: os.environ.pop(k) for k in ("OMP_NUM_THREADS", "BEYOND_TORCH_THREADS") if k in os.environ
+    }
+    try:
+        server.start(timeout=300)
+        yield server
+    finally:
+        server.stop()
+        os.environ.update(saved)
+
+
+@contextmanager
+def gateway(server: TorchServeProcess, state: Path, max_inflight: int) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BEYOND_API_KEYS": API_KEY,
+        "BEYOND_MODELS": MODEL,
+        "BEYOND_STATE_DIR": str(state),
+        "BEYOND_TORCHSERVE_URL": server.inference_url,
+        "BEYOND_TORCHSERVE_KEY_FILE": str(server.key_file),
+        "BEYOND_TORCHSERVE_MAX_CONNECTIONS": str(max_inflight),
+        "BEYOND_MAX_INFLIGHT_PREDICT": str(max_inflight),
+        "BEYOND_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # predict never uses Redis
+    }
+    process = gateway_process(env, "127.0.0.1", port, state / "gateway.log").start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or not process.running():
+                raise RuntimeError(f"the gateway did not start; see {state / 'gateway.log'}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.stop()
+
+
+# --------------------------------------------------------------------------- load
+RequestFactory = Callable[[], dict[str, object]]
+
+
+async def closed_loop(
+    url: str,
+    request: RequestFactory,
+    headers: dict[str, str],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+) -> tuple[list[float], int, float]:
+    """``concurrency`` clients back to back; latencies (s) and errors inside the window."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        window_start, window_end = start + warmup_s, start + warmup_s + duration_s
+
+        async def one_client() -> None:
+            nonlocal errors
+            while True:
+                sent = time.perf_counter()
+                if sent >= window_end:
+                    return
+                try:
+                    reply = await client.post(url, **request())  # type: ignore[arg-type]
+                    ok = reply.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                done = time.perf_counter()
+                if sent >= window_start and done <= window_end:
+                    if ok:
+                        latencies.append(done - sent)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return latencies, errors, duration_s
+
+
+def summarise(arm: str, config: str, c: int, result: tuple[list[float], int, float]) -> Measurement:
+    latencies, errors, window = result
+    ms = np.array(latencies or [float("nan")]) * 1000
+    return Measurement(
+        arm, config, c, len(latencies), errors, round(len(latencies) / window, 2),
+        round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1),
+        round(float(np.percentile(ms, 99)), 1),
+    )  # fmt: skip
+
+
+def run_levels(
+    arm: str,
+    config: str,
+    url: str,
+    request: RequestFactory,
+    headers: dict[str, str],
+    levels: list[int],
+    warmup_s: float,
+    duration_s: float,
+) -> list[Measurement]:
+    out = []
+    for c in levels:
+        result = asyncio.run(closed_loop(url, request, headers, c, warmup_s, duration_s))
+        out.append(summarise(arm, config, c, result))
+        print(f"  {arm:8s} {config:10s} c={c:<3d} {out[-1].rps:7.2f} req/s  "
+              f"p50 {out[-1].p50_ms:8.1f} ms  p95 {out[-1].p95_ms:8.1f} ms  "
+              f"errors {out[-1].errors}", flush=True)  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- arms
+def measure_ours(
+    tmp: Path,
+    config: ServeConfig,
+    arms: list[str],
+    levels: list[int],
+    jpeg: bytes,
+    warmup_s: float,
+    duration_s: float,
+) -> list[Measurement]:
+    store = build_ours(tmp / f"ours-{config.label().replace(':', '_').replace('/', '_')}", config)
+    server = TorchServeProcess(
+        store, [f"{MODEL}.mar"], tmp / "ts-ours", free_port(), free_port(), free_port(),
+        workers=config.workers, torch_threads=config.torch_threads,
+    )  # fmt: skip
+    results: list[Measurement] = []
+    b64 = as_png_b64(jpeg)
+    body = json.dumps({"task": "predict", "image": b64, "top_k": 5}).encode()
+    with torchserve(server):
+        headers = {"Authorization": f"Bearer {server.inference_token()}"}
+        if "direct" in arms:
+            results += run_levels(
+                "direct", config.label(), f"{server.inference_url}/predictions/{MODEL}",
+                lambda: {"content": body, "headers": {"Content-Type": "application/json"}},
+                headers, levels, warmup_s, duration_s,
+            )  # fmt: skip
+        if "gateway" in arms:
+            with gateway(server, tmp, max_inflight=max(64, 2 * max(levels))) as base:
+                results += run_levels(
+                    "gateway", config.label(), f"{base}/v1/models/{MODEL}/predict?top_k=5",
+                    lambda: {"files": {"image": ("x.jpg", jpeg, "image/jpeg")}},
+                    {"Authorization": f"Bearer {API_KEY}"}, levels, warmup_s, duration_s,
+                )  # fmt: skip
+    return results
+
+
+def measure_stock(
+    tmp: Path, levels: list[int], jpeg: bytes, warmup_s: float, duration_s: float
+) -> list[Measurement]:
+    store = build_stock(tmp / "stock")
+    server = StockTorchServe(
+        store, [f"{STOCK}.mar"], tmp / "ts-stock", free_port(), free_port(), free_port()
+    )
+    with torchserve(server):
+        headers = {"Authorization": f"Bearer {server.inference_token()}"}
+        return run_levels(
+            "stock", "defaults", f"{server.inference_url}/predictions/{STOCK}",
+            lambda: {"content": jpeg, "headers": {"Content-Type": "application/octet-stream"}},
+            headers, levels, warmup_s, duration_s,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- report
+def table(results: list[Measurement]) -> str:
+    rows = [
+        "| arm | config | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results:
+        rows.append(
+            f"| {m.arm} | {m.config} | {m.concurrency} | {m.rps:.1f} | {m.p50_ms:.0f} | "
+            f"{m.p95_ms:.0f} | {m.p99_ms:.0f} | {m.errors} |"
+        )
+    return "\n".join(rows)
+
+
+def goals(results: list[Measurement]) -> list[tuple[str, bool, str]]:
+    """The issue's goals, where the run has the arms and levels they need."""
+    at = {(m.arm, m.concurrency): m for m in results}
+    checks: list[tuple[str, bool, str]] = []
+    for arm in ("direct", "gateway"):
+        one, many = at.get((arm, 1)), at.get((arm, 32))
+        if one and many:
+            ratio = many.rps / one.rps if one.rps else 0.0
+            checks.append((f"{arm}: no collapse (c32 >= 0.9 x c1)", ratio >= 0.9, f"{ratio:.2f}x"))
+        stock = at.get(("stock", 32))
+        if many and stock:
+            ratio = many.rps / stock.rps if stock.rps else float("inf")
+            checks.append((f"{arm}: c32 >= 5 x stock c32", ratio >= 5, f"{ratio:.1f}x"))
+    gw, direct = at.get(("gateway", 8)), at.get(("direct", 8))
+    if gw and direct:
+        cost = direct.rps / gw.rps - 1 if gw.rps else float("inf")
+        checks.append(("gateway: throughput cost < 10% at c8", cost < 0.10, f"{cost:+.1%}"))
+        added = gw.p50_ms - direct.p50_ms
+        checks.append(("gateway: adds < 5 ms p50 at c8", added < 5, f"{added:+.1f} ms"))
+    return checks
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default="gateway,direct,stock")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--warmup", type=float, default=5.0, help="s per level, not counted")
+    parser.add_argument("--duration", type=float, default=20.0, help="s measured per level")
+    parser.add_argument("--workers", type=int, default=ServeConfig.workers)
+    parser.add_argument("--torch-threads", type=int, default=ServeConfig.torch_threads)
+    parser.add_argument("--batch-size", type=int, default=ServeConfig.batch_size)
+    parser.add_argument("--max-batch-delay", type=int, default=ServeConfig.max_batch_delay_ms)
+    parser.add_argument("--sweep", help="our configs to compare, WxT:B/D comma-separated")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if args.sweep:
+        configs = [ServeConfig.parse(text.strip()) for text in args.sweep.split(",")]
+    else:
+        configs = [
+            ServeConfig(args.workers, args.torch_threads, args.batch_size, args.max_batch_delay)
+        ]
+    jpeg = sample_jpeg()
+    before = load_average()
+    print(f"cores {os.cpu_count()}, load average before: {before}", flush=True)
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="beyond-bench-") as tmp:
+        for config in configs:
+            if {"gateway", "direct"} & set(arms):
+                results += measure_ours(
+                    Path(tmp), config, arms, levels, jpeg, args.warmup, args.duration
+                )
+        if "stock" in arms:
+            results += measure_stock(Path(tmp), levels, jpeg, args.warmup, args.duration)
+    after = load_average()
+    print(f"\nload average before: {before}; after: {after}\n")
+    print(table(results))
+    checks = goals(results)
+    for name, ok, value in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {value}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "load_average_before": before,
+                    "load_average_after": after,
+                    "results": [asdict(m) for m in results],
+                    "goals": [{"goal": n, "ok": ok, "value": v} for n, ok, v in checks],
+                },
+                indent=2,
+            )
+        )
+    return 1 if args.check and not all(ok for _, ok, _ in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
