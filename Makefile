@@ -1,5 +1,5 @@
 # The two commands of the README: `make up` (install + start) and `make test`.
-.PHONY: install up down test lint
+.PHONY: install up down test lint audit lock
 
 install:
 	bash scripts/install.sh
@@ -11,7 +11,16 @@ down:
 	.venv/bin/python -m service.stack down
 
 test: install
+	.venv/bin/python scripts/audit_deps.py check
 	.venv/bin/python -m pytest
+
+# known vulnerabilities in what we ship (requirements.lock; exceptions in .pip-audit-ignore)
+audit:
+	.venv/bin/python scripts/audit_deps.py check
+
+# re-resolve and pin the runtime dependencies after changing them in pyproject.toml
+lock:
+	.venv/bin/python scripts/audit_deps.py lock
 
 lint:
 	.venv/bin/ruff check handlers service model_store tests benchmarks load_tests

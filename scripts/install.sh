@@ -50,9 +50,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.beyond-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e ".[dev]"
+    # what we ship is pinned by requirements.lock (make lock); the dev tools resolve around it
+    .venv/bin/pip install -q -c requirements.lock -e ".[dev]"
     # test reference only: torchattacks pins requests~=2.25 (conflicts with locust and carries
     # known CVEs), so it is installed without its dependencies (torch, scipy, ... are ours)
     .venv/bin/pip install -q --no-deps torchattacks==3.5.1
