@@ -86,14 +86,30 @@ class AttackBatchResult:
         }
 
 
+def concatenate(results: list[AttackBatchResult]) -> AttackBatchResult:
+    """One :class:`AttackBatchResult` from the results of consecutive batches."""
+    first = results[0]
+    tensors = {
+        name: torch.cat([getattr(r, name) for r in results])
+        for name, value in vars(first).items()
+        if isinstance(value, torch.Tensor)
+    }
+    return AttackBatchResult(**tensors, targeted=first.targeted, iterations=first.iterations)
+
+
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    """Run ``model`` in eval mode for the block and restore its previous mode afterwards.
+
+    Autograd is available inside even when the caller runs under ``torch.inference_mode``
+    (as a model server may); :func:`check_images` copies inference tensors.
+    """
     was_training = model.training
-    if was_training:
-        model.eval()
     try:
-        yield
+        with torch.inference_mode(False):
+            if was_training:
+                model.eval()
+            yield
     finally:
         if was_training:
             model.train()
@@ -108,7 +124,7 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
         raise InvalidParameter("images", f"expected floating point pixels, got {images.dtype}")
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise InvalidParameter("images", "pixels must lie in [0, 1] (the model normalises itself)")
-    return images.detach()
+    return images.clone() if images.is_inference() else images.detach()
 
 
 @dataclass(frozen=True)
@@ -162,14 +178,40 @@ class Attack(ABC):
         Returns:
             The :class:`AttackBatchResult` of the whole batch.
         """
-        x0 = check_images(images).to(device_of(model))
         with evaluation_mode(model):
+            x0 = check_images(images).to(device_of(model))
             start = self._start(x0)
             logits, leaf = _forward(model, start, need_grad=self.settings.iterations > 0)
             clean_logits = logits.detach() if start is x0 else _forward(model, x0, False)[0]
             goal = self._goal(clean_logits, labels, targets)
             adversarial, final_logits, steps = self._iterate(model, x0, leaf, logits, goal)
         return _summarise(x0, adversarial, clean_logits, final_logits, steps, goal, self.settings)
+
+    def in_batches(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        batch_size: int = 64,
+    ) -> AttackBatchResult:
+        """The attack on consecutive chunks of at most ``batch_size`` images, concatenated.
+
+        Each image's result does not depend on the others, so this equals one call on the
+        whole set (up to floating-point differences between batch sizes).
+        """
+        parts = []
+        for start in range(0, images.shape[0], max(1, batch_size)):
+            chunk = slice(start, start + batch_size)
+            parts.append(
+                self(
+                    model,
+                    images[chunk],
+                    None if labels is None else labels[chunk],
+                    None if targets is None else targets[chunk],
+                )
+            )
+        return concatenate(parts)
 
     def _start(self, images: torch.Tensor) -> torch.Tensor:
         """Starting point of the iteration (default: the clean images themselves)."""

@@ -135,6 +135,7 @@ def check_relevance(relevance: torch.Tensor, images: torch.Tensor) -> torch.Tens
     [0, 1] (chapter 3), e.g. stage 2 of the visualization pipeline.
     """
     r = torch.as_tensor(relevance).detach()
+    r = r.clone() if r.is_inference() else r
     if r.dim() == 3:
         r = r.unsqueeze(1)
     b, _, h, w = images.shape
@@ -246,10 +247,10 @@ def apem(
         :class:`ApemOutcome`.
     """
     p = parse_params(ApemParams, params)
-    x = check_images(images).to(device_of(model))
-    maps = check_relevance(relevance, x)
     stats = SearchStats()
     with evaluation_mode(model):
+        x = check_images(images).to(device_of(model))
+        maps = check_relevance(relevance, x)
         with torch.no_grad():
             logits = model(x)
         predictions = logits.argmax(dim=1)

@@ -156,11 +156,11 @@ def explanation_filter(
         :class:`FilterOutcome`; ``filtered`` equals the literal algorithm's map.
     """
     ap, fp = parse_params(ApemParams, apem_params), parse_params(FilterParams, params)
-    x = check_images(image.unsqueeze(0)).to(device_of(model))
-    original = check_relevance(relevance.unsqueeze(0), x)[0]
-    current = quantise(original, fp.levels)
-    values = torch.unique(current[current > 0])  # ascending: candidate t zeroes values[:t]
     with evaluation_mode(model):
+        x = check_images(image.unsqueeze(0)).to(device_of(model))
+        original = check_relevance(relevance.unsqueeze(0), x)[0]
+        current = quantise(original, fp.levels)
+        values = torch.unique(current[current > 0])  # ascending: candidate t zeroes values[:t]
         scorer = _CandidateScorer(model, x, target, ap)
         best_apem = float(scorer.score(current.unsqueeze(0))[0])
         before, start, size, scored = best_apem, 0, fp.candidates_per_batch, 1

@@ -183,3 +183,11 @@ def test_bad_relevance_maps() -> None:
         apem(model, x, maps[:, :2])
     with pytest.raises(InvalidParameter, match="targets"):
         apem(model, x, maps, targets=torch.tensor([0, 1, 5]))
+
+
+def test_works_under_an_outer_inference_mode() -> None:
+    model, x, maps = _linear_case()
+    expected = apem(model, x, maps, params={"step": 0.25, "max_steps": 4000})
+    with torch.inference_mode():
+        inside = apem(model, x.clone(), maps.clone(), params={"step": 0.25, "max_steps": 4000})
+    assert inside.eps_minus == expected.eps_minus and inside.eps_plus == expected.eps_plus

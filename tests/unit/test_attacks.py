@@ -208,3 +208,23 @@ def test_bad_call_arguments() -> None:
 def test_unknown_attack() -> None:
     with pytest.raises(UnknownMethod, match="ifgsm"):
         get_attack("deepfool")
+
+
+def test_works_under_an_outer_inference_mode() -> None:
+    """A model server may wrap every request in ``torch.inference_mode``."""
+    model, x = tiny_cnn(), images(3)
+    expected = get_attack("ifgsm", {"step_size": 0.01})(model, x)
+    with torch.inference_mode():
+        inside = get_attack("ifgsm", {"step_size": 0.01})(model, images(3))
+    assert torch.equal(inside.adversarial, expected.adversarial)
+    assert torch.equal(inside.steps_to_flip, expected.steps_to_flip)
+
+
+def test_in_batches_equals_one_call() -> None:
+    model, x = tiny_cnn(seed=2), images(7, seed=2)
+    labels = torch.arange(7) % 4
+    attack = get_attack("ifgsm", {"step_size": 0.01, "steps": 8})
+    whole, chunked = attack(model, x, labels), attack.in_batches(model, x, labels, batch_size=3)
+    for name, value in vars(whole).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(getattr(chunked, name).double(), value.double(), atol=1e-12), name

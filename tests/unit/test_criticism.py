@@ -162,3 +162,22 @@ def test_gallery_png_has_two_rows_of_tiles() -> None:
     tile = np.asarray(picture)[12 : 12 + 32, 72 : 72 + 32]  # first prototype's tile
     expected = np.asarray(Image.fromarray(images[result.prototypes[0].index]).resize((32, 32), Image.Resampling.NEAREST))
     assert np.array_equal(tile, expected)
+
+
+@pytest.mark.parametrize("method", ["adversarial", "mmd", "probs", "random"])
+def test_gather_inputs_from_a_model(method: str) -> None:
+    import torch
+
+    from handlers.criticism.gather import criticise, gather_inputs
+    from tests.unit.adversarial_helpers import images, tiny_cnn
+
+    model, x = tiny_cnn(), images(10, dtype=torch.float32)
+    model = model.float()
+    inputs = gather_inputs(model, x, 2, method, attack_params={"step_size": 0.01})
+    needed = get_selection(method).requires
+    assert all(getattr(inputs, name) is not None and len(getattr(inputs, name)) == 10 for name in needed)
+    assert inputs.n == 10
+    if method == "probs":
+        assert np.all((inputs.confidence >= 0) & (inputs.confidence <= 1))
+    result = criticise(model, x, 2, method, {"prototypes": 2, "criticisms": 2}, attack_params={"step_size": 0.01})
+    assert result.method == method

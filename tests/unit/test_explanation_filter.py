@@ -68,3 +68,11 @@ def test_bad_parameters() -> None:
     assert info.value.param == "levels"
     with pytest.raises(InvalidParameter, match="relevance"):
         explanation_filter(model, image, _map(0, 1) + 1)
+
+
+def test_works_under_an_outer_inference_mode() -> None:
+    model, image = tiny_cnn(seed=1), images(1, size=16, seed=1)[0]
+    expected = explanation_filter(model, image, _map(1, 1), apem_params=APEM)
+    with torch.inference_mode():
+        inside = explanation_filter(model, image.clone(), _map(1, 1), apem_params=APEM)
+    assert torch.equal(inside.filtered, expected.filtered)

@@ -1,0 +1,55 @@
+"""Pictures of an attack: the adversarial image, the amplified perturbation, and the
+explanation of the adversarial image for its new class (paper 000, figure 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from handlers.attacks.base import AttackBatchResult
+from handlers.visualization import png_bytes
+
+
+def _hwc(image: torch.Tensor) -> Any:
+    return image.detach().cpu().permute(1, 2, 0).numpy()
+
+
+def adversarial_png(adversarial: torch.Tensor) -> bytes:
+    """A ``(3, H, W)`` adversarial image in [0, 1] as PNG bytes."""
+    return png_bytes(_hwc(adversarial.clamp(0.0, 1.0)))
+
+
+def perturbation_png(clean: torch.Tensor, adversarial: torch.Tensor, amplify: float | None = None) -> bytes:
+    """The perturbation ``adversarial - clean`` made visible: ``0.5 + amplify * delta``.
+
+    Args:
+        clean: ``(3, H, W)`` clean image.
+        adversarial: ``(3, H, W)`` adversarial image.
+        amplify: gain; by default the largest ``|delta|`` is mapped to 0 or 1 (mid grey is
+            no change). A zero perturbation gives a uniform grey picture.
+    """
+    delta = (adversarial - clean).detach()
+    peak = float(delta.abs().max())
+    gain = amplify if amplify is not None else (0.5 / peak if peak > 0 else 0.0)
+    return png_bytes(_hwc((0.5 + gain * delta).clamp(0.0, 1.0)))
+
+
+def explain_adversarial(
+    model: nn.Module,
+    result: AttackBatchResult,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+) -> Any:
+    """Explain each adversarial image for its adversarial prediction (paper 000, figure 5).
+
+    Returns:
+        The explainers' ``Explanation`` (``relevance`` ``(B, 3, H, W)``, ``targets`` equal
+        to ``result.predictions``); render it with ``handlers.visualization``.
+    """
+    from handlers.explainers import explain
+
+    device = next(model.parameters()).device
+    return explain(model, result.adversarial.to(device), method, params, targets=result.predictions.to(device))
