@@ -518,6 +518,7 @@ def test_entry_points_are_the_local_stacks(default: list[Manifest]) -> None:
             {"torchserve": {"modelStore": {"fromVolume": True}}, "persistence": {"enabled": False}},
             "persistence",
         ),
+        ({"image": {"service": {"repository": ""}}}, "repository is required"),
     ],
 )
 def test_chart_refuses_broken_values(
@@ -525,6 +526,23 @@ def test_chart_refuses_broken_values(
 ) -> None:
     with pytest.raises(RenderError, match=message):
         run_renderer(helm_render, [write_values(tmp_path, values)])
+
+
+def test_ingress_hosts_may_be_templates(helm_render: Path, tmp_path: Path) -> None:
+    host = "beyond-{{ .Release.Namespace }}.example.com"
+    values = {
+        "gateway": {
+            "ingress": {
+                "enabled": True,
+                "hosts": [{"host": host, "paths": [{"path": "/", "pathType": "Prefix"}]}],
+                "tls": [{"secretName": "tls", "hosts": [host]}],
+            }
+        }
+    }
+    text = run_renderer(helm_render, [write_values(tmp_path, values)])
+    (ingress,) = find(load_manifests(text), "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "beyond-beyond.example.com"
+    assert ingress["spec"]["tls"][0]["hosts"] == ["beyond-beyond.example.com"]
 
 
 def test_strict_rendering_catches_a_misspelt_value(helm_render: Path, tmp_path: Path) -> None:

@@ -63,7 +63,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* image reference; call with dict "root" $ "image" .Values.image.service */}}
 {{- define "beyond.image" -}}
-{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- $repository := required "image.<service|torchserve>.repository is required" .image.repository }}
+{{- printf "%s:%s" $repository (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 
 {{/* In-cluster URL of TorchServe (its auth proxy) for gateway and workers. */}}
