@@ -15,15 +15,24 @@ import base64
 import binascii
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from handlers import contract
+from handlers import contract, visualization
+from handlers.arrays import InvalidArray, decode_array, encode_array
+from handlers.attacks import AttackBatchResult, available_attacks, get_attack
+from handlers.attacks.pictures import adversarial_png, perturbation_png
+from handlers.explainers import Explanation, available_explainers, create_explainer
+from handlers.metrics.apem import apem
+from handlers.metrics.explanation_filter import explanation_filter
 from handlers.models.classifier import PixelClassifier, preprocess
 from handlers.spec import ModelSpec
+from handlers.validation import InvalidParameter, UnknownMethod
 
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_BATCH_IMAGES = 256
@@ -40,6 +49,32 @@ class TaskError(Exception):
 
     def body(self) -> contract.ErrorBody:
         return contract.ErrorBody(error=contract.ErrorDetail(code=self.code, message=self.message))
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Turn the libraries' validation errors into 422 :class:`TaskError` s."""
+    try:
+        yield
+    except (UnknownMethod, KeyError) as error:
+        message = str(error) if not isinstance(error, KeyError) or hasattr(error, "known") else f"unknown method {error}"
+        raise TaskError(422, "unknown_method", message.strip("'\"")) from None
+    except InvalidArray as error:
+        raise TaskError(422, "invalid_relevance", str(error)) from None
+    except (InvalidParameter, ValueError) as error:
+        raise TaskError(422, "bad_parameter", str(error)) from None
+
+
+# HTTP names of the attack parameters (service contract) -> the attack library's names
+ATTACK_PARAM_NAMES = {"epsilon": "eps", "target_class": "target"}
+
+
+def attack_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {ATTACK_PARAM_NAMES.get(k, k): v for k, v in params.items()}
+
+
+def png_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def decode_image(data: str) -> Image.Image:
@@ -66,9 +101,14 @@ class TaskRunner:
         self.model = model
         self.spec = spec
         self.device = device
-        self._runners: dict[str, Callable[[contract.BaseModel], contract.BaseModel]] = {
+        self._runners: dict[str, Callable[[Any], contract.BaseModel]] = {
             "describe": self.describe,
             "embed": self.embed,
+            "explain": self.explain,
+            "attack": self.attack,
+            "apem": self.apem,
+            "robustness": self.robustness,
+            "filter": self.filter,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -131,11 +171,13 @@ class TaskRunner:
             ))
         return results
 
-    def describe(self, request: contract.BaseModel) -> contract.DescribeResult:
-        return contract.DescribeResult(spec=self.spec.model_dump(), tasks=self.tasks, explainers=[], attacks=[])
+    def describe(self, request: contract.DescribeRequest) -> contract.DescribeResult:
+        return contract.DescribeResult(
+            spec=self.spec.model_dump(), tasks=self.tasks,
+            explainers=available_explainers(), attacks=available_attacks(),
+        )
 
-    def embed(self, request: contract.BaseModel) -> contract.EmbedResult:
-        assert isinstance(request, contract.EmbedRequest)
+    def embed(self, request: contract.EmbedRequest) -> contract.EmbedResult:
         start = time.perf_counter()
         x = self.tensors(request.images)
         with torch.no_grad():
@@ -148,7 +190,164 @@ class TaskRunner:
         )
 
 
-def encode_array(array: np.ndarray) -> contract.EncodedArray:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return contract.EncodedArray(data=base64.b64encode(buffer.getvalue()).decode(), shape=list(array.shape))
+    # ------------------------------------------------------------------ explanations
+    def _targets(self, target: int | None) -> torch.Tensor | None:
+        if target is None:
+            return None
+        if not 0 <= target < self.spec.num_classes:
+            raise TaskError(422, "bad_parameter", f"target: class {target} is out of range for "
+                            f"a model with {self.spec.num_classes} classes")
+        return torch.tensor([target])
+
+    def _explanation(self, x: torch.Tensor, method: str, params: dict[str, Any],
+                     target: int | None) -> Explanation:
+        targets = self._targets(target)
+        with refusals():
+            return create_explainer(method, params).explain(self.model, x, targets)
+
+    def _score(self, x: torch.Tensor, stage_map: torch.Tensor, target: int,
+               apem_params: dict[str, Any]) -> contract.ApemScore:
+        """APEM of a [0, 1] map (thesis 003, chapter 3) for one image."""
+        with refusals():
+            outcome = apem(self.model, x, stage_map, targets=torch.tensor([target]), params=apem_params)
+        return contract.ApemScore(**outcome.score(0))
+
+    def explain(self, request: contract.ExplainRequest) -> contract.ExplainResult:
+        start = time.perf_counter()
+        x = self.tensor(request.image)
+        with refusals():
+            visualization.colorize(np.zeros((1, 1)), request.colormap)  # unknown colormap -> 422
+        explanation = self._explanation(x, request.method, request.params, request.target)
+        target = int(explanation.targets[0])
+        probs = self.probabilities(x)[0]
+        predicted = int(probs.argmax())
+        stage_map = visualization.to_stage(explanation.relevance, x, request.stage)
+        # APEM needs a map in [0, 1] of pixel relevance: stage 1 (signed) is scored as stage 2
+        score_map = stage_map if request.stage != 1 else visualization.to_stage(explanation.relevance, x, 2)
+        outputs = set(request.outputs)
+        image = x[0].cpu()
+        pictures = self._pictures(outputs, explanation, stage_map[0].cpu(), image, request.colormap)
+        return contract.ExplainResult(
+            method=explanation.method, params=explanation.params, target=target, stage=request.stage,
+            prediction=self.class_score(predicted, float(probs[predicted])),
+            relevance=encode_array(stage_map[0].cpu().numpy()) if "relevance" in outputs else None,
+            extras=self._extras(explanation),
+            apem=self._score(x, score_map, target, request.apem_params) if request.score == "apem" else None,
+            **pictures, **self._stamp(start),
+        )
+
+    @staticmethod
+    def _pictures(outputs: set[str], explanation: Explanation, stage_map: torch.Tensor,
+                  image: torch.Tensor, colormap: str) -> dict[str, str | None]:
+        pictures: dict[str, str | None] = {}
+        if "heatmap_png" in outputs:
+            pictures["heatmap_png"] = png_b64(visualization.heatmap_png(stage_map, colormap))
+        if "overlay_png" in outputs:
+            pictures["overlay_png"] = png_b64(visualization.overlay_png(stage_map, image, colormap))
+        segments = explanation.extras.get("segments")
+        if segments is not None and outputs & {"attention_png", "path_png"}:
+            weights = explanation.extras["weights"][0]
+            k = int(explanation.params.get("k_features") or explanation.params.get("top_k") or 8)
+            if "attention_png" in outputs:
+                pictures["attention_png"] = png_b64(visualization.attention_png(image, segments[0], weights, k))
+            if "path_png" in outputs:
+                pictures["path_png"] = png_b64(visualization.path_png(image, segments[0], weights, k))
+        return pictures
+
+    @staticmethod
+    def _extras(explanation: Explanation) -> dict[str, Any]:
+        """Method-specific results of the one explained image, JSON-friendly."""
+        extras: dict[str, Any] = {}
+        for key, value in explanation.extras.items():
+            item = value[0] if isinstance(value, list | np.ndarray) and len(value) else value
+            if isinstance(item, np.ndarray):
+                extras[key] = encode_array(item).model_dump()
+            elif isinstance(item, torch.Tensor):
+                extras[key] = encode_array(item.cpu().numpy()).model_dump()
+            else:
+                extras[key] = item.tolist() if hasattr(item, "tolist") else item
+        return extras
+
+    def apem(self, request: contract.ApemRequest) -> contract.ApemResult:
+        start = time.perf_counter()
+        x = self.tensor(request.image)
+        if (request.method is None) == (request.relevance is None):
+            raise TaskError(422, "bad_request", "give either an explanation method or a relevance map")
+        if request.relevance is not None:
+            size = self.spec.preprocessing.crop
+            with refusals():
+                array = decode_array(request.relevance)
+            if array.shape not in ((size, size), (1, size, size), (3, size, size)):
+                raise TaskError(422, "invalid_relevance",
+                                f"relevance must be ({size}, {size}), (1, {size}, {size}) or (3, {size}, {size}); "
+                                f"got {tuple(array.shape)}")
+            if array.min() < 0 or array.max() > 1:
+                raise TaskError(422, "invalid_relevance", "relevance values must lie in [0, 1]")
+            score_map = torch.from_numpy(array).unsqueeze(0).to(self.device)
+            target = int(self.probabilities(x)[0].argmax()) if request.target is None else request.target
+            self._targets(target)
+        else:
+            explanation = self._explanation(x, str(request.method), request.params, request.target)
+            target = int(explanation.targets[0])
+            score_map = visualization.to_stage(explanation.relevance, x, 2)
+        score = self._score(x, score_map, target, request.apem_params)
+        return contract.ApemResult(method=request.method, target=target, **score.model_dump(), **self._stamp(start))
+
+    # ------------------------------------------------------------------ attacks
+    def _attack(self, method: str, params: dict[str, Any], x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:
+        with refusals():
+            attack = get_attack(method, attack_params(params))
+            target = attack.params.target
+            if target is not None:
+                self._targets(target)
+            return attack(self.model, x), attack.params.model_dump(mode="json")
+
+    def attack(self, request: contract.AttackRequest) -> contract.AttackResult:
+        start = time.perf_counter()
+        x = self.tensor(request.image)
+        result, params = self._attack(request.method, request.params, x)
+        record = result.record(0)
+        explanation = None
+        if request.explain_method:
+            explanation = self.explain(contract.ExplainRequest(
+                image=png_b64(visualization.png_bytes(result.adversarial[0].permute(1, 2, 0).numpy())),
+                method=request.explain_method, target=int(result.predictions[0]),
+            ))
+        return contract.AttackResult(
+            method=request.method, params=params,
+            original=self.class_score(record["clean_prediction"], record["clean_confidence"]),
+            adversarial=self.class_score(record["prediction"], record["confidence"]),
+            success=record["success"], steps_to_flip=record["steps_to_flip"],
+            linf=record["linf"], l2=record["l2"],
+            adversarial_png=png_b64(adversarial_png(result.adversarial[0])),
+            perturbation_png=png_b64(perturbation_png(x[0].cpu(), result.adversarial[0])),
+            explanation=explanation, **self._stamp(start),
+        )
+
+    def robustness(self, request: contract.RobustnessRequest) -> contract.RobustnessResult:
+        """Steps to flip per image (adversarial model criticism, paper 000, section 3.3)."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        result, params = self._attack(request.method, request.params, x)
+        return contract.RobustnessResult(
+            method=request.method, params=params, steps_to_flip=result.steps_to_flip_list(),
+            predictions=result.clean_predictions.tolist(),
+            adversarial_predictions=result.predictions.tolist(), **self._stamp(start),
+        )
+
+    # ------------------------------------------------------------------ filter
+    def filter(self, request: contract.FilterRequest) -> contract.FilterResult:
+        """Explanation Filter (thesis 003, Algorithm 2) of one image's stage-2 map."""
+        start = time.perf_counter()
+        x = self.tensor(request.image)
+        explanation = self._explanation(x, request.method, request.params, request.target)
+        target = int(explanation.targets[0])
+        stage_map = visualization.to_stage(explanation.relevance, x, 2)[0]
+        with refusals():
+            outcome = explanation_filter(self.model, x[0], stage_map, target, request.apem_params)
+        return contract.FilterResult(
+            method=request.method, params=explanation.params, target=target,
+            filtered=encode_array(outcome.filtered.cpu().numpy()),
+            apem_before=outcome.apem_before, apem_after=outcome.apem_after,
+            fraction_kept=outcome.fraction_kept, **self._stamp(start),
+        )
