@@ -27,8 +27,15 @@ _REQUEST = TypeAdapter(contract.TaskRequest)
 
 
 def select_device(gpu_id: int | None) -> torch.device:
-    """The GPU TorchServe assigned to this worker, or the CPU."""
+    """The GPU TorchServe assigned to this worker, or the CPU.
+
+    TF32 convolutions are turned off on the GPU: explanations are gradients of gradients'
+    neighbours, and with TF32 a map drifts by about 1e-2 from the CPU's (measured with
+    ``benchmarks/devices.py`` on an H100); we keep the GPU's answers equal to the CPU's.
+    """
     if gpu_id is not None and torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         return torch.device(f"cuda:{gpu_id}")
     return torch.device("cpu")
 
