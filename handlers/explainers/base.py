@@ -146,19 +146,26 @@ def select_logits(logits: Tensor, targets: Tensor) -> Tensor:
 def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
     """Targets to explain: the predicted classes when ``targets`` is None, else checked.
 
+    Given targets are checked where they live (the caller's CPU tensor: no device sync)
+    against ``logits.shape[1]`` and then moved to the logits' device.
+
     Raises:
         InvalidParameter: A target is outside ``[0, num_classes)``.
     """
     if targets is None:
         return logits.detach().argmax(dim=1)
-    num_classes = logits.shape[1]
+    check_target_range(targets, logits.shape[1])
+    return targets.to(logits.device, non_blocking=True)
+
+
+def check_target_range(targets: Tensor, num_classes: int) -> None:
+    """Raise :class:`InvalidParameter` for a target outside ``[0, num_classes)``."""
     bad = (targets < 0) | (targets >= num_classes)
     if bool(bad.any()):
         value = int(targets[bad][0])
         raise InvalidParameter(
             "target", f"class {value} is out of range for a model with {num_classes} classes"
         )
-    return targets.to(logits.device)
 
 
 def _check_inputs(images: Tensor, targets: Tensor | int | None) -> tuple[Tensor, Tensor | None]:
@@ -166,7 +173,7 @@ def _check_inputs(images: Tensor, targets: Tensor | int | None) -> tuple[Tensor,
         raise ValueError(f"images must be a float (B, C, H, W) tensor, got {tuple(images.shape)}")
     if targets is None:
         return images, None
-    targets = torch.as_tensor(targets, device=images.device).reshape(-1)
+    targets = torch.as_tensor(targets).reshape(-1)  # stays where the caller has it
     if targets.is_floating_point() or targets.numel() != images.shape[0]:
         raise InvalidParameter("target", f"need {images.shape[0]} integer class indices")
     return images, targets.long()
@@ -247,7 +254,7 @@ class Explainer(ABC):
         """
 
     def predicted_targets(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Tensor:
-        """Resolve targets with one gradient-free forward pass (for multi-sample methods)."""
+        """Resolve targets, with one gradient-free forward pass (for multi-sample methods)."""
         with torch.no_grad():
             return resolve_targets(model(images), targets)
 

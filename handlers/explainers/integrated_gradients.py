@@ -62,25 +62,32 @@ class IntegratedGradients(Explainer):
     smoothable = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
-        """Gradients at the path points, weighted and summed, times ``x - x'``."""
+        """Gradients at the path points, weighted and summed, times ``x - x'``.
+
+        The first pass also carries ``x`` and ``x'`` themselves (their logits give the
+        predicted class and the completeness gap), so no pass is spent on them alone.
+        """
         p = self.params
         batch = images.shape[0]
         baseline = torch.full_like(images, p.baseline)
-        with torch.no_grad():
-            end_logits = model(torch.cat([images, baseline]))
-        targets = resolve_targets(end_logits[:batch], targets)
-        ends = select_logits(end_logits, targets.repeat(2))
         alphas, weights = (t.to(images) for t in quadrature(p.steps, p.method))
         delta = images - baseline
         per_pass = max(1, p.batch_size // batch)
         total = torch.zeros_like(images)
+        ends = torch.cat([images, baseline])
         for start in range(0, p.steps, per_pass):
             a = alphas[start : start + per_pass].view(-1, 1, 1, 1, 1)
             w = weights[start : start + per_pass].view(-1, 1, 1, 1, 1)
-            points = (baseline + a * delta).flatten(0, 1).requires_grad_(True)
+            lead = len(ends) if start == 0 else 0
+            path = (baseline + a * delta).flatten(0, 1)
+            points = (torch.cat([ends, path]) if lead else path).requires_grad_(True)
             logits = model(points)
-            (grad,) = autograd.grad(select_logits(logits, targets.repeat(len(a))).sum(), points)
-            total += (w * grad.view(len(a), *images.shape)).sum(dim=0)
+            if lead:
+                targets = resolve_targets(logits[:batch], targets)
+                end_scores = select_logits(logits[:lead].detach(), targets.repeat(2))
+            objective = select_logits(logits[lead:], targets.repeat(len(a))).sum()
+            (grad,) = autograd.grad(objective, points)
+            total += (w * grad[lead:].view(len(a), *images.shape)).sum(dim=0)
         relevance = delta * total
-        gap = relevance.flatten(1).sum(1) - (ends[:batch] - ends[batch:])
+        gap = relevance.flatten(1).sum(1) - (end_scores[:batch] - end_scores[batch:])
         return Attribution(relevance, targets, {"completeness_gap": gap.tolist()})

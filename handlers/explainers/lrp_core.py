@@ -31,7 +31,6 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextvars import ContextVar
-from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
@@ -45,8 +44,12 @@ _CONV_INPUT = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
-    """``z + epsilon · sign(z)`` with ``sign(0) = +1`` (the epsilon rule's denominator)."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z)
+    """``z + epsilon · sign(z)``, the epsilon rule's denominator (``sign(±0) = ±1``).
+
+    Where ``z`` is exactly zero the rules divide ``z``-proportional numerators by it, so the
+    sign chosen there never changes a result; it only has to be non-zero.
+    """
+    return z.abs().add_(epsilon).copysign_(z)
 
 
 def linear_map(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
@@ -247,6 +250,7 @@ def canonize(network: nn.Module) -> nn.Module:
 
 class _Entry(NamedTuple):
     network: nn.Module
+    tensors: list[Tensor]
     fingerprint: tuple[Any, ...]
 
 
@@ -254,29 +258,40 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary
 _CACHE_LOCK = threading.Lock()
 
 
-def _fingerprint(network: nn.Module) -> tuple[Any, ...]:
-    """Storage, version and device of every tensor: changes when weights change in place."""
-    tensors = chain(network.parameters(), network.buffers())
-    return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors)
+def _fingerprint(tensors: list[Tensor]) -> tuple[Any, ...]:
+    """Storage and version of every tensor: changes when weights change in place."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _still_valid(entry: _Entry | None) -> bool:
+    return entry is not None and _fingerprint(entry.tensors) == entry.fingerprint
 
 
 def canonized(network: nn.Module, probe: Tensor) -> nn.Module:
     """The cached canonized copy of ``network`` (built, and checked on ``probe``, once).
 
+    The copy is rebuilt when a weight or buffer of ``network`` changes in place (its
+    version counter moves, e.g. ``load_state_dict`` or an optimizer step). Replacing a
+    parameter object by another is not watched: build a new model instead.
+
     Raises:
         RuntimeError: The canonized copy does not compute the same function (an
             architecture whose batch norms are not where registration order says).
     """
-    fingerprint = _fingerprint(network)
+    entry = _CACHE.get(network)
+    if _still_valid(entry):  # the common case: no lock, no walk over the modules
+        return entry.network
     with _CACHE_LOCK:
         entry = _CACHE.get(network)
-        if entry is not None and entry.fingerprint == fingerprint:
+        if _still_valid(entry):
             return entry.network
+        tensors = [*network.parameters(), *network.buffers()]
+        fingerprint = _fingerprint(tensors)
         duplicate = canonize(network)
         with torch.no_grad():
             expected, got = network(probe), duplicate(probe)
         tolerance = 1e-3 * (1.0 + float(expected.abs().max()))
         if not torch.allclose(expected, got, rtol=0.0, atol=tolerance):
             raise RuntimeError("LRP canonization changed the network's output; unsupported layout")
-        _CACHE[network] = _Entry(duplicate, fingerprint)
+        _CACHE[network] = _Entry(duplicate, tensors, fingerprint)
         return duplicate

@@ -54,6 +54,35 @@ class SmoothGradParams(StochasticParams, BatchedParams):
         return resolved.model_dump(mode="json")
 
 
+NOISE_BLOCK = 16
+"""SmoothGrad draws its noise this many copies at a time (part of the documented order)."""
+
+
+class NoiseBlocks:
+    """Standard normal noise for copies ``0 .. n-1``, drawn in blocks, handed out in order."""
+
+    def __init__(self, images: Tensor, n: int, seed: int) -> None:
+        self.images, self.left = images, n
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.buffer = images.new_empty((0, *images.shape))
+
+    def take(self, m: int) -> Tensor:
+        """The next ``m`` copies' noise, ``(m, B, C, H, W)``."""
+        parts = []
+        while m > 0:
+            if len(self.buffer) == 0:
+                size = min(NOISE_BLOCK, self.left)
+                self.left -= size
+                self.buffer = torch.randn(
+                    (size, *self.images.shape), generator=self.generator,
+                    device=self.images.device, dtype=self.images.dtype,
+                )
+            parts.append(self.buffer[:m])
+            m -= len(parts[-1])
+            self.buffer = self.buffer[len(parts[-1]) :]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @register("smoothgrad")
 class SmoothGrad(Explainer):
     """``M̂_c(x) = 1/n Σ_k M_c(x + N(0, σ²))`` (thesis 003, section 4.2.1; Smilkov et al. 2017).
@@ -62,10 +91,10 @@ class SmoothGrad(Explainer):
     is ``σ = sigma · (max(x) - min(x))`` per image (Smilkov et al.'s "noise level").
 
     Noise order (fixed, so results do not depend on ``batch_size``): a local generator seeded
-    with ``seed`` draws, for ``k = 0 .. n-1`` in turn, one standard normal tensor of the whole
-    batch's shape ``(B, C, H, W)``; copy ``k`` of image ``b`` is ``x_b + σ_b · noise_k[b]``.
-    Copies are stacked ``m = max(1, batch_size // B)`` draws at a time, so each pass holds
-    ``m · B`` noisy images.
+    with ``seed`` draws blocks of :data:`NOISE_BLOCK` copies,
+    ``torch.randn((min(NOISE_BLOCK, n - k0), B, C, H, W))`` for ``k0 = 0, 16, 32, ...``;
+    copy ``k`` of image ``b`` is ``x_b + σ_b · noise[k, b]``. Each pass holds
+    ``m · B`` noisy images, ``m = max(1, batch_size // B)``.
     """
 
     Params = SmoothGradParams
@@ -78,26 +107,19 @@ class SmoothGrad(Explainer):
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Average the wrapped explainer's relevance over the noisy copies, in batched passes."""
         p = self.params
-        targets = self.predicted_targets(model, images, targets)
+        if targets is None:  # the clean images' classes; given ones are checked by the wrapped explainer
+            targets = self.predicted_targets(model, images, targets)
         batch = images.shape[0]
         flat = images.flatten(1)
         std = p.sigma * (flat.amax(dim=1) - flat.amin(dim=1))
         std = std.view(-1, *([1] * (images.dim() - 1)))
-        generator = torch.Generator(device=images.device).manual_seed(p.seed)
+        noise = NoiseBlocks(images, p.n, p.seed)
         copies_per_pass = max(1, p.batch_size // batch)
         total = torch.zeros_like(images)
         for start in range(0, p.n, copies_per_pass):
             m = min(copies_per_pass, p.n - start)
-            noise = torch.stack(
-                [
-                    torch.randn(
-                        images.shape, generator=generator, device=images.device, dtype=images.dtype
-                    )
-                    for _ in range(m)
-                ]
-            )
-            noisy = (images.unsqueeze(0) + std * noise).flatten(0, 1)
-            part = self.inner.attribute(model, noisy, targets.repeat(m)).relevance
-            total += part.view(m, *images.shape).sum(dim=0)
+            noisy = (images.unsqueeze(0) + std * noise.take(m)).flatten(0, 1)
+            part = self.inner.attribute(model, noisy, targets.repeat(m))
+            total += part.relevance.view(m, *images.shape).sum(dim=0)
         extras = {"noise_std": std.flatten().tolist()}
-        return Attribution(total / p.n, targets, extras)
+        return Attribution(total / p.n, part.targets[:batch], extras)
