@@ -23,8 +23,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY docker/requirements-service.txt ./
-RUN /opt/venv/bin/pip install --no-cache-dir -r requirements-service.txt
+# versions from requirements.lock: the images ship what `make test` audits
+COPY docker/requirements-service.txt requirements.lock ./
+RUN /opt/venv/bin/pip install --no-cache-dir -r requirements-service.txt -c requirements.lock
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY handlers ./handlers
@@ -87,11 +88,11 @@ WORKDIR /src
 RUN python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY service ./service
 COPY handlers ./handlers
 COPY model_store ./model_store
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir -c requirements.lock .
 ENV BEYOND_MODEL_STORE_DIR=/opt/beyond/model-store
 RUN if [ "$DEMO_ARCHIVES" = "1" ]; then /opt/venv/bin/python -m model_store.build --demo; fi \
     && mkdir -p "$BEYOND_MODEL_STORE_DIR/archives"

@@ -177,6 +177,7 @@ def test_no_secret_is_baked_in(dockerfile) -> None:
         "Dockerfile",
         "pyproject.toml",
         "README.md",
+        "requirements.lock",
         "docker",
         "service",
         "handlers",
@@ -195,7 +196,7 @@ def test_service_image_holds_no_torch(dockerfile) -> None:
     ]
     # only the requirements file, then the project's own code without its dependencies
     assert installs == [
-        ["--no-cache-dir", "-r", "requirements-service.txt"],
+        ["--no-cache-dir", "-r", "requirements-service.txt", "-c", "requirements.lock"],
         ["--no-cache-dir", "--no-deps", "."],
     ]
 
@@ -274,6 +275,27 @@ def test_service_requirements_are_pyprojects_torch_free_part() -> None:
     assert not {r.name for r in ours} & TORCH_SIDE
     # run by command, not imported: uvicorn serves, python-multipart parses the uploads
     assert {"uvicorn", "python-multipart"} <= {r.name for r in ours}
+
+
+def test_images_install_the_audited_lock(dockerfile) -> None:
+    _, stages = dockerfile
+    for build in ("service-build", "torchserve-build"):
+        installs = [r for r in stages[build].all("RUN") if "pip install" in r]
+        resolving = [r for r in installs if "--no-deps" not in r and "--index-url" not in r]
+        # (torch/torchvision come with exact pins of their own; --no-deps resolves nothing)
+        assert resolving, build
+        for run in resolving:
+            assert "-c requirements.lock" in run, f"{build}: {run}"
+    lock = {
+        canonicalize_name(Requirement(line).name): Requirement(line)
+        for line in (ROOT / "requirements.lock").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for requirement in service_requirements():
+        pinned = lock.get(canonicalize_name(requirement.name))
+        assert pinned is not None, f"{requirement.name} is not in requirements.lock"
+        (spec,) = pinned.specifier
+        assert requirement.specifier.contains(spec.version), f"{pinned} breaks {requirement}"
 
 
 def module_level_imports(path: Path) -> set[str]:
