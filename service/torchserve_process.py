@@ -5,7 +5,7 @@ The configuration closes TorchServe down to what the gateway needs:
 * inference, management and metrics APIs bound to 127.0.0.1;
 * token authorization on; the tokens live in ``key_file.json`` in the state folder, which
   the gateway and workers read (``inference_token()``), and expire after
-  ``token_expiration_min`` (default 7 days; clients re-read the file on a 401);
+  ``token_expiration_min`` (default 365 days: TorchServe 0.12 cannot be given a token, and an expired one is refused until a restart; clients re-read the file when it changes);
 * the model API (registering models after start-up) off, ``allowed_urls`` limited to the
   local model store;
 * request/response caps raised from TorchServe's 6.5 MB to ``max_message_mb`` (default 64)
@@ -69,7 +69,7 @@ class TorchServeProcess:
         workers: int = 1,
         job_queue_size: int = 100,
         max_message_mb: int = 64,
-        token_expiration_min: int = 10080,
+        token_expiration_min: int = 525600,
         torch_threads: int | None = None,
     ) -> None:
         self.model_store = model_store.resolve()
