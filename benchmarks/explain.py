@@ -120,6 +120,12 @@ def pass_costs(model: PixelClassifier, image: torch.Tensor, batch_sizes: list[in
     return costs
 
 
+def best_batch_size(cost: dict[int, float], samples: int) -> int:
+    """The batch size that reaches :func:`floor` (capped at ``samples``)."""
+    size = min(cost, key=lambda size: -(-samples // size) * size * cost[size])
+    return min(size, samples)
+
+
 def floor(cost: dict[int, float], samples: int) -> float:
     """ms for ``samples`` passes at the best batch size: ``min_bs ceil(samples / bs) · bs · cost``."""
     return min(-(-samples // size) * size * per_image_ms for size, per_image_ms in cost.items())
@@ -213,7 +219,7 @@ def lime_image_peers(model: PixelClassifier, counts: Counts) -> dict[str, Callab
 
     return {
         "lime_image": lambda x: run(x, 10),
-        f"lime_image_b{counts.batch_size}": lambda x: run(x, counts.batch_size),
+        "lime_image_same_batch": lambda x: run(x, counts.batch_size),
     }
 
 
@@ -252,7 +258,10 @@ def benchmark_model(name: str, args: argparse.Namespace, counts: Counts) -> list
     rows = []
     target = torch.zeros(1, dtype=torch.long, device=device)
     for method in args.methods:
-        params, kind, samples = _ours(method, counts)
+        kind, samples = OURS[method][1], _ours(method, counts)[2]
+        if args.batch_size is None:  # the floor's best batch size, for ours and the peers
+            counts.batch_size = best_batch_size(costs[kind], samples)
+        params = _ours(method, counts)[0]
         explainer = create_explainer(method, params)
         ours = per_image(lambda x, e=explainer: e.explain(model, x, target), images, args.repeats)
         row = Row(name, method, samples, ours, floor(costs[kind], samples))
@@ -281,7 +290,7 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
     lines.append("")
     lines.append(f"{device}; torch {torch.__version__}; {args.images} images, best of {args.repeats}; "
                  f"batch sizes tried for the floor: {args.batch_sizes}; ours and batched peers use "
-                 f"batch size {args.batch_size}.")
+                 f"{args.batch_size or 'the floor' + chr(39) + 's best batch size'}.")
     return "\n".join(lines)
 
 
@@ -296,8 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoothgrad-n", type=int, default=100)
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--lime-n", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--batch-size", type=int, help="fixed batch size (default: the floor's best)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128])
     parser.add_argument("--skip", nargs="*", default=[], help="peers to leave out, e.g. zennit")
     parser.add_argument("--quick", action="store_true", help="n=10, steps=10, LIME n=100, 2 images")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
@@ -310,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    counts = Counts(args.smoothgrad_n, args.ig_steps, args.lime_n, args.batch_size)
+    counts = Counts(args.smoothgrad_n, args.ig_steps, args.lime_n, args.batch_size or 64)
     rows = [row for name in args.models for row in benchmark_model(name, args, counts)]
     table = markdown(rows, args)
     print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -31,8 +32,9 @@ class IntegratedGradientsParams(BatchedParams):
     method: Quadrature = Field("gausslegendre", description="quadrature rule along the path")
 
 
+@functools.lru_cache(maxsize=64)
 def quadrature(steps: int, method: Quadrature) -> tuple[Tensor, Tensor]:
-    """Nodes ``alpha`` in [0, 1] and weights (summing to 1) of the path integral."""
+    """Nodes ``alpha`` in [0, 1] and weights (summing to 1) of the path integral (cached)."""
     if method == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)
