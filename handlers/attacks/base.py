@@ -138,9 +138,10 @@ class _Goal:
         hit = logits.argmax(dim=1) == self.reference[rows]
         return hit if self.targeted else ~hit
 
-    def loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Sum (not mean) of the per-image losses, so each image's gradient is its own."""
-        ce = F.cross_entropy(logits, self.reference[rows], reduction="sum")
+    def loss(self, logits: torch.Tensor, rows: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Sum (not mean) of the per-image losses of the moving images, so each image's
+        gradient is its own."""
+        ce = (F.cross_entropy(logits, self.reference[rows], reduction="none") * moving).sum()
         return -ce if self.targeted else ce
 
 
@@ -241,28 +242,43 @@ class Attack(ABC):
         self,
         model: nn.Module,
         x0: torch.Tensor,
-        x_active: torch.Tensor,
+        x: torch.Tensor,
         logits: torch.Tensor,
         goal: _Goal,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run up to ``M`` steps; images that succeeded stop changing if ``stop_at_flip``."""
-        adversarial = x_active.detach().clone()
-        final_logits = logits.detach().clone()
+        """Run up to ``M`` steps; images that succeeded stop changing if ``stop_at_flip``.
+
+        On the CPU stopped images leave the batch (less work); on a GPU they stay in it,
+        frozen by a mask, so that a step costs one host-device synchronisation only.
+        """
+        settings, compact = self.settings, compacts(x0.device)
+        adversarial, final_logits = x.detach().clone(), logits.detach().clone()
         steps = torch.full((x0.shape[0],), NEVER, dtype=torch.long, device=x0.device)
-        active = torch.arange(x0.shape[0], device=x0.device)
-        for t in range(self.settings.iterations + 1):
-            final_logits[active] = logits.detach()
-            hit = goal.reached(logits.detach(), active)
-            steps[active[hit & (steps[active] == NEVER)]] = t
-            keep = ~hit if self.settings.stop_at_flip else torch.ones_like(hit)
-            if t == self.settings.iterations or not keep.any():
+        rows = torch.arange(x0.shape[0], device=x0.device)
+        for t in range(settings.iterations + 1):
+            final_logits[rows] = logits.detach()
+            hit = goal.reached(logits.detach(), rows)
+            steps[rows] = torch.where(hit & (steps[rows] == NEVER), t, steps[rows])
+            moving = steps[rows] == NEVER if settings.stop_at_flip else torch.ones_like(hit)
+            if t == settings.iterations or (settings.stop_at_flip and not moving.any()):
                 break
-            (grad,) = torch.autograd.grad(goal.loss(logits[keep], active[keep]), x_active)
-            active = active[keep]
-            stepped = self._step(x_active.detach()[keep], grad[keep], x0[active])
-            adversarial[active] = stepped
-            logits, x_active = _forward(model, stepped, need_grad=t + 1 < self.settings.iterations)
+            selected = moving if compact and settings.stop_at_flip else None
+            if selected is not None:
+                rows, logits, moving = rows[selected], logits[selected], moving[selected]
+            (grad,) = torch.autograd.grad(goal.loss(logits, rows, moving), x)
+            x_now = x.detach()
+            if selected is not None:
+                grad, x_now = grad[selected], x_now[selected]
+            stepped = self._step(x_now, grad, x0[rows])
+            stepped = torch.where(moving.view(-1, *([1] * (x0.dim() - 1))), stepped, x_now)
+            adversarial[rows] = stepped
+            logits, x = _forward(model, stepped, need_grad=t + 1 < settings.iterations)
         return adversarial, final_logits, steps
+
+
+def compacts(device: torch.device) -> bool:
+    """Whether stopped images leave the batch on ``device`` (the CPU) or stay masked (GPUs)."""
+    return device.type == "cpu"
 
 
 def device_of(model: nn.Module) -> torch.device:

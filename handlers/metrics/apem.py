@@ -41,6 +41,7 @@ from handlers.metrics.flip_search import (
     FlipSearch,
     Grid,
     SearchStats,
+    full_precision,
 )
 from handlers.validation import InvalidParameter, StrictParams, parse_params
 
@@ -67,7 +68,7 @@ class ApemParams(StrictParams):
     step: float = Field(1.0, gt=0)
     max_steps: int = Field(1000, ge=1, le=1_000_000)
     search: Literal["exact", "sequential", "approximate"] = "exact"
-    batch_size: int = Field(256, ge=1, le=65536)
+    batch_size: int = Field(128, ge=1, le=65536)
     first_chunk: int = Field(16, ge=1, le=65536)
     clip: bool = False
     normalise: bool = False
@@ -152,7 +153,7 @@ def loss_gradient_sign(model: nn.Module, images: torch.Tensor, targets: torch.Te
     Input gradients only (``torch.autograd.grad``); the model's parameters are untouched.
     """
     leaf = images.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), full_precision():
         loss = F.cross_entropy(model(leaf), targets, reduction="sum")
         (grad,) = torch.autograd.grad(loss, leaf)
     return grad.sign()

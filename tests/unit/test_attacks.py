@@ -228,3 +228,21 @@ def test_in_batches_equals_one_call() -> None:
     for name, value in vars(whole).items():
         if isinstance(value, torch.Tensor):
             assert torch.allclose(getattr(chunked, name).double(), value.double(), atol=1e-12), name
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_masked_loop_of_accelerators_equals_the_compact_cpu_loop(targeted: bool, monkeypatch) -> None:  # noqa: ANN001
+    """On a GPU stopped images stay in the batch, frozen by a mask; same results."""
+    import handlers.attacks.base as base
+
+    model, x = tiny_cnn(seed=1), images(8, seed=1)
+    targets = torch.arange(8) % 4 if targeted else None
+    params = {"step_size": 0.004, "steps": 12, "eps": 0.03} if targeted else {"step_size": 0.001, "steps": 12, "eps": 0.006}
+    attack = get_attack("ifgsm", params)
+    compact = attack(model, x, targets=targets)
+    monkeypatch.setattr(base, "compacts", lambda device: False)
+    masked = attack(model, x, targets=targets)
+    assert torch.equal(masked.steps_to_flip, compact.steps_to_flip)
+    assert torch.allclose(masked.adversarial, compact.adversarial, atol=1e-12)
+    assert torch.equal(masked.predictions, compact.predictions)
+    assert (compact.steps_to_flip > 0).any()
