@@ -133,7 +133,13 @@ def floor(cost: dict[int, float], samples: int) -> float:
 
 # --------------------------------------------------------------------------- peers
 def captum_peers(model: PixelClassifier, counts: Counts, sigma: float) -> dict[str, Callable]:
-    from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Saliency
+    from captum.attr import (
+        IntegratedGradients,
+        LayerAttribution,
+        LayerGradCam,
+        NoiseTunnel,
+        Saliency,
+    )
 
     def smooth(x: torch.Tensor) -> object:
         std = sigma * float(x.max() - x.min())
@@ -148,7 +154,9 @@ def captum_peers(model: PixelClassifier, counts: Counts, sigma: float) -> dict[s
         "integrated_gradients": lambda x: IntegratedGradients(model).attribute(
             x, target=0, n_steps=counts.ig_steps, internal_batch_size=counts.batch_size
         ),
-        "gradcam": lambda x: LayerGradCam(model, model.features).attribute(x, target=0),
+        "gradcam": lambda x: LayerAttribution.interpolate(  # ours also returns the image size
+            LayerGradCam(model, model.features).attribute(x, target=0), x.shape[-2:], "bilinear"
+        ),
         "lime": lambda x: captum_lime(model, x, counts),
     }
 
