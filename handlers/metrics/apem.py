@@ -66,7 +66,7 @@ class ApemParams(StrictParams):
     """
 
     step: float = Field(1.0, gt=0)
-    max_steps: int = Field(1000, ge=1, le=1_000_000)
+    max_steps: int = Field(2000, ge=1, le=1_000_000)
     search: Literal["exact", "sequential", "approximate"] = "exact"
     batch_size: int = Field(128, ge=1, le=65536)
     first_chunk: int = Field(16, ge=1, le=65536)
