@@ -128,6 +128,10 @@ class FilterRequest(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     target: int | None = None
     apem_params: dict[str, Any] = Field(default_factory=dict)
+    filter_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="FilterParams; `levels` defaults to 256 (the map as an 8-bit heatmap)",
+    )
 
 
 TaskRequest = Annotated[
@@ -209,6 +213,10 @@ class RobustnessResult(_Result):
     steps_to_flip: list[int | None]
     predictions: list[int]
     adversarial_predictions: list[int]
+    robustness: list[float] = Field(
+        default_factory=list,
+        description="probability of the clean prediction after the attack (ranks prototypes)",
+    )
 
 
 class FilterResult(_Result):
@@ -219,6 +227,11 @@ class FilterResult(_Result):
     apem_before: float | None
     apem_after: float | None
     fraction_kept: float
+    values_removed: int = 0
+    candidates_scored: int = 0
+    stop: str = ""
+    approximate: bool = False
+    filter_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DescribeResult(_Strict):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
@@ -31,6 +32,7 @@ from handlers.explainers import Explanation, available_explainers, create_explai
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.models.classifier import PixelClassifier, preprocess
+from handlers.png import png_bytes
 from handlers.spec import ModelSpec
 from handlers.validation import InvalidParameter, UnknownMethod
 
@@ -56,13 +58,17 @@ def refusals() -> Iterator[None]:
     """Turn the libraries' validation errors into 422 :class:`TaskError` s."""
     try:
         yield
-    except (UnknownMethod, KeyError) as error:
-        message = str(error) if not isinstance(error, KeyError) or hasattr(error, "known") else f"unknown method {error}"
-        raise TaskError(422, "unknown_method", message.strip("'\"")) from None
+    except UnknownMethod as error:
+        raise TaskError(422, "unknown_method", str(error)) from None
     except InvalidArray as error:
         raise TaskError(422, "invalid_relevance", str(error)) from None
-    except (InvalidParameter, ValueError) as error:
+    except InvalidParameter as error:
         raise TaskError(422, "bad_parameter", str(error)) from None
+
+
+def check_colormap(name: str) -> None:
+    if name not in matplotlib.colormaps:
+        raise TaskError(422, "bad_parameter", f"colormap: unknown matplotlib colormap {name!r}")
 
 
 # HTTP names of the attack parameters (service contract) -> the attack library's names
@@ -215,8 +221,7 @@ class TaskRunner:
     def explain(self, request: contract.ExplainRequest) -> contract.ExplainResult:
         start = time.perf_counter()
         x = self.tensor(request.image)
-        with refusals():
-            visualization.colorize(np.zeros((1, 1)), request.colormap)  # unknown colormap -> 422
+        check_colormap(request.colormap)
         explanation = self._explanation(x, request.method, request.params, request.target)
         target = int(explanation.targets[0])
         probs = self.probabilities(x)[0]
@@ -247,7 +252,7 @@ class TaskRunner:
         segments = explanation.extras.get("segments")
         if segments is not None and outputs & {"attention_png", "path_png"}:
             weights = explanation.extras["weights"][0]
-            k = int(explanation.params.get("k_features") or explanation.params.get("top_k") or 8)
+            k = int(explanation.params.get("num_features", 8))
             if "attention_png" in outputs:
                 pictures["attention_png"] = png_b64(visualization.attention_png(image, segments[0], weights, k))
             if "path_png" in outputs:
@@ -310,7 +315,7 @@ class TaskRunner:
         explanation = None
         if request.explain_method:
             explanation = self.explain(contract.ExplainRequest(
-                image=png_b64(visualization.png_bytes(result.adversarial[0].permute(1, 2, 0).numpy())),
+                image=png_b64(png_bytes(result.adversarial[0].permute(1, 2, 0).numpy())),
                 method=request.explain_method, target=int(result.predictions[0]),
             ))
         return contract.AttackResult(
@@ -332,7 +337,8 @@ class TaskRunner:
         return contract.RobustnessResult(
             method=request.method, params=params, steps_to_flip=result.steps_to_flip_list(),
             predictions=result.clean_predictions.tolist(),
-            adversarial_predictions=result.predictions.tolist(), **self._stamp(start),
+            adversarial_predictions=result.predictions.tolist(),
+            robustness=result.reference_confidence.tolist(), **self._stamp(start),
         )
 
     # ------------------------------------------------------------------ filter
@@ -343,11 +349,11 @@ class TaskRunner:
         explanation = self._explanation(x, request.method, request.params, request.target)
         target = int(explanation.targets[0])
         stage_map = visualization.to_stage(explanation.relevance, x, 2)[0]
+        filter_params = {"levels": 256, **request.filter_params}
         with refusals():
-            outcome = explanation_filter(self.model, x[0], stage_map, target, request.apem_params)
+            outcome = explanation_filter(self.model, x[0], stage_map, target, request.apem_params, filter_params)
         return contract.FilterResult(
             method=request.method, params=explanation.params, target=target,
-            filtered=encode_array(outcome.filtered.cpu().numpy()),
-            apem_before=outcome.apem_before, apem_after=outcome.apem_after,
-            fraction_kept=outcome.fraction_kept, **self._stamp(start),
+            filtered=encode_array(outcome.filtered.cpu().numpy()), filter_params=filter_params,
+            **outcome.summary(), **self._stamp(start),
         )

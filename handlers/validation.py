@@ -25,19 +25,22 @@ class InvalidParameter(ValueError):
     """
 
     def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"invalid parameter {param!r}: {reason}")
+        super().__init__(f"{param}: {reason}")
         self.param = param
         self.reason = reason
 
 
-class UnknownMethod(LookupError):
-    """A method name that is not in the registry it was looked up in."""
+class UnknownMethod(KeyError):
+    """A method name that is not in the registry it was looked up in (a ``KeyError``)."""
 
     def __init__(self, kind: str, name: str, known: list[str]) -> None:
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+        super().__init__(name)
         self.kind = kind
         self.name = name
         self.known = sorted(known)
+
+    def __str__(self) -> str:
+        return f"unknown {self.kind} {self.name!r}; available: {', '.join(self.known)}"
 
 
 class StrictParams(BaseModel):
@@ -70,4 +73,5 @@ def parse_params(model: type[P], params: Mapping[str, Any] | P | None) -> P:
         if isinstance(cause, InvalidParameter):  # raised by a model validator
             raise InvalidParameter(cause.param, cause.reason) from None
         name = ".".join(str(part) for part in first["loc"]) or "params"
-        raise InvalidParameter(name, first["msg"]) from None
+        reasons = [f"{e['msg']} (got {e['input']!r})" if e["loc"] else e["msg"] for e in exc.errors()]
+        raise InvalidParameter(name, "; ".join(reasons)) from None

@@ -14,15 +14,15 @@ section 2.3) and its explanation path (paper 000, figure 12).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Literal
 
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
+
+from handlers.png import png_bytes
 
 Stage = Literal[1, 2, 3]
 STAGES: tuple[Stage, ...] = (1, 2, 3)
@@ -90,15 +90,6 @@ def _to_hwc(image: Tensor | np.ndarray) -> np.ndarray:
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     return np.clip(array, 0.0, 1.0)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """``(H, W, 3)`` float in [0, 1] (or uint8) as PNG bytes."""
-    if rgb.dtype != np.uint8:
-        rgb = np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def colorize(stage_map: Tensor | np.ndarray, colormap: str = "inferno") -> np.ndarray:

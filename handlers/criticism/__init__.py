@@ -6,7 +6,7 @@ picture. Nothing imported here needs torch, so the RQ workers can use it; the to
 helper that gathers the inputs from a model in-process is ``handlers.criticism.gather``.
 """
 
-from handlers.criticism.gallery import encode_png, gallery_png
+from handlers.criticism.gallery import gallery_png
 from handlers.criticism.methods import (
     SelectedItem,
     Selection,
@@ -24,7 +24,6 @@ __all__ = [
     "SelectionInputs",
     "SelectionMethod",
     "available_selections",
-    "encode_png",
     "gallery_png",
     "get_selection",
     "register_selection",

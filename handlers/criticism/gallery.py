@@ -2,20 +2,17 @@
 
 The gallery mirrors paper 000, figures 7-8: prototypes in the first row, criticisms in the
 second, each tile captioned with its index and score.
-
-``encode_png`` is a stop-gap until ``handlers/visualization.py`` offers one; the attack
-pictures use it too.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from handlers.criticism.methods import SelectedItem, Selection
+from handlers.png import png_bytes
 
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)
@@ -23,15 +20,7 @@ _CAPTION_H = 12
 _LABEL_W = 72
 _PAD = 4
 
-
-def encode_png(image: np.ndarray) -> bytes:
-    """``(H, W, 3)`` uint8 or [0, 1] float RGB array (or ``(H, W)`` grey) -> PNG bytes."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+ImageSet = np.ndarray | Mapping[int, np.ndarray]
 
 
 def _caption(item: SelectedItem, score_name: str) -> str:
@@ -49,7 +38,7 @@ def _row(
     top: int,
     label: str,
     items: Sequence[SelectedItem],
-    images: np.ndarray,
+    images: ImageSet,
     tile: int,
     score_name: str,
 ) -> None:
@@ -62,11 +51,12 @@ def _row(
         draw.text((left, top + tile + 1), _caption(item, score_name), fill=_INK)
 
 
-def gallery_png(images: np.ndarray, selection: Selection, tile: int = 96) -> bytes:
+def gallery_png(images: ImageSet, selection: Selection, tile: int = 96) -> bytes:
     """Render prototypes (top row) and criticisms (bottom row) of ``selection``.
 
     Args:
-        images: ``(n, H, W, 3)`` uint8 images of the whole set the selection indexes.
+        images: ``(n, H, W, 3)`` uint8 images of the whole set the selection indexes, or a
+            mapping from index to ``(H, W, 3)`` uint8 image holding at least the chosen ones.
         selection: the output of a selection method.
         tile: side of each tile in pixels (images are resized with nearest neighbour).
 
@@ -80,6 +70,4 @@ def gallery_png(images: np.ndarray, selection: Selection, tile: int = 96) -> byt
     ImageDraw.Draw(canvas).text((_PAD, 0), f"{selection.method} ({selection.score_name})", fill=_INK)
     _row(canvas, _CAPTION_H, "prototypes", selection.prototypes, images, tile, selection.score_name)
     _row(canvas, _CAPTION_H + row_h, "criticisms", selection.criticisms, images, tile, selection.score_name)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(np.asarray(canvas))

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
+
+from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 __all__ = [
     "Attribution",
@@ -41,38 +43,9 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- errors
-class InvalidParameter(ValueError):
-    """A parameter or target that cannot be used; the handler answers 422 with ``str(err)``.
-
-    Attributes:
-        parameter: Name of the offending parameter (``"target"`` for targets).
-        reason: Human-readable reason, without the parameter name.
-    """
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        super().__init__(f"{parameter}: {reason}")
-        self.parameter = parameter
-        self.reason = reason
-
-
-class UnknownMethod(KeyError):
-    """No explainer is registered under the requested name (a ``KeyError``)."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = known
-
-    def __str__(self) -> str:
-        return f"unknown explanation method {self.name!r}; available: {', '.join(self.known)}"
-
-
 # --------------------------------------------------------------------------- parameters
-class ExplainerParams(BaseModel):
+class ExplainerParams(StrictParams):
     """Base of every method's parameters: unknown names are refused, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class StochasticParams(ExplainerParams):
@@ -85,27 +58,6 @@ class BatchedParams(ExplainerParams):
     """Parameters of a method that runs many model passes: images per pass."""
 
     batch_size: int = Field(64, ge=1, description="images per model pass")
-
-
-P = TypeVar("P", bound=ExplainerParams)
-
-
-def parse_params(params_type: type[P], raw: Mapping[str, Any] | BaseModel | None) -> P:
-    """Validate ``raw`` into ``params_type``, turning pydantic errors into InvalidParameter."""
-    if isinstance(raw, params_type):
-        return raw
-    data = raw.model_dump() if isinstance(raw, BaseModel) else dict(raw or {})
-    try:
-        return params_type.model_validate(data)
-    except ValidationError as err:
-        raise _invalid_from(err) from None
-
-
-def _invalid_from(err: ValidationError) -> InvalidParameter:
-    first = err.errors()[0]
-    name = ".".join(str(part) for part in first["loc"]) or "params"
-    reasons = [f"{e['msg']} (got {e['input']!r})" if e["loc"] else e["msg"] for e in err.errors()]
-    return InvalidParameter(name, "; ".join(reasons))
 
 
 # --------------------------------------------------------------------------- results
@@ -288,7 +240,7 @@ def get_explainer(name: str) -> type[Explainer]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownMethod(name, available_explainers()) from None
+        raise UnknownMethod("explanation method", name, available_explainers()) from None
 
 
 def create_explainer(name: str, params: Mapping[str, Any] | None = None) -> Explainer:

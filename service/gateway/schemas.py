@@ -160,6 +160,12 @@ class FilterJobRequest(_In):
     params: dict[str, Any] = Field(default_factory=dict)
     image: str = Field(description="base64 of an image file (any accepted format)")
     target: int | None = Field(None, ge=0)
+    apem_params: dict[str, Any] = Field(
+        default_factory=dict, description="APEM grid and search (step, max_steps, search, ...)"
+    )
+    filter_params: dict[str, Any] = Field(
+        default_factory=dict, description="levels (default 256), candidates per batch"
+    )
 
 
 JobRequest = Annotated[CriticismJobRequest | FilterJobRequest, Field(discriminator="type")]
@@ -201,6 +207,7 @@ class CriticismResult(_Out):
     prototypes: list[CriticismItem]
     criticisms: list[CriticismItem]
     details: dict[str, Any] = Field(default_factory=dict)
+    gallery_png: str | None = Field(None, description="base64 PNG: prototypes row, criticisms row")
     elapsed_ms: float
 
 
@@ -215,6 +222,11 @@ class FilterJobResult(_Out):
     apem_before: float | None
     apem_after: float | None
     fraction_kept: float
+    values_removed: int = 0
+    candidates_scored: int = 0
+    stop: str = ""
+    approximate: bool = False
+    filter_params: dict[str, Any] = Field(default_factory=dict)
     elapsed_ms: float
 
 

@@ -39,10 +39,12 @@ def decode_array(encoded: EncodedArray) -> np.ndarray:
 
 
 def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> dict[str, Any]:
+    """``m`` prototypes and ``m`` criticisms (paper 000, section 3.3), at most ``n`` each;
+    ``params.prototypes`` / ``params.criticisms`` override either count."""
     out = {k: v for k, v in params.items() if k not in JOB_KEYS}
-    out["criticisms"] = m if n is None else min(m, n)
-    if n is not None and isinstance(out.get("prototypes", 3), int):
-        out["prototypes"] = min(int(out.get("prototypes", 3)), n)
+    for key in ("prototypes", "criticisms"):
+        count = out.get(key, m)
+        out[key] = min(count, n) if n is not None and isinstance(count, int) else count
     return out
 
 
@@ -84,7 +86,7 @@ def gather_inputs(
     n = len(images)
     if method == "random":
         return SelectionInputs(count=n)
-    embeddings, confidence, steps = [], [], []
+    embeddings, confidence, steps, robustness = [], [], [], []
     for start in range(0, n, batch_size):
         batch = [base64.b64encode(read()).decode() for read in images[start : start + batch_size]]
         if method == "adversarial":
@@ -95,6 +97,7 @@ def gather_inputs(
             )
             result = client.call(model, request, RobustnessResult)
             steps.extend(-1 if s is None else int(s) for s in result.steps_to_flip)
+            robustness.extend(result.robustness)
         else:
             embedded = client.call(model, EmbedRequest(images=batch), EmbedResult)
             if method == "probs":
@@ -106,6 +109,7 @@ def gather_inputs(
         embeddings=np.concatenate(embeddings) if embeddings else None,
         confidence=np.concatenate(confidence).astype(np.float64) if confidence else None,
         steps_to_flip=np.asarray(steps, dtype=np.int64) if steps else None,
+        robustness=np.asarray(robustness, dtype=np.float64) if len(robustness) == len(steps) and steps else None,
     )
 
 

@@ -9,11 +9,15 @@ that retrying cannot fix raises :class:`JobFailure` (not retried, reason shown t
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from rq import get_current_job
 
 from handlers.contract import FilterRequest, FilterResult
@@ -74,6 +78,18 @@ def _items(selection_items: list[Any], candidates: list[dict[str, Any]]) -> list
     ]
 
 
+def _gallery(store: DatasetStore, candidates: list[dict[str, Any]], selection: Any) -> str:
+    """Prototypes row over criticisms row (paper 000, figures 7-8), base64 PNG."""
+    from handlers.criticism import gallery_png
+
+    chosen = {item.index for item in [*selection.prototypes, *selection.criticisms]}
+    images = {}
+    for index in chosen:
+        with Image.open(io.BytesIO(store.read_image(candidates[index]["sha256"]))) as img:
+            images[index] = np.asarray(img.convert("RGB"))
+    return base64.b64encode(gallery_png(images, selection)).decode("ascii")
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
@@ -123,6 +139,7 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
         "prototypes": _items(selection.prototypes, candidates),
         "criticisms": _items(selection.criticisms, candidates),
         "details": selection.details,
+        "gallery_png": _gallery(store, candidates, selection),
         "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
     }
 
@@ -136,6 +153,8 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
         method=spec["method"],
         params=spec.get("params", {}),
         target=spec.get("target"),
+        apem_params=spec.get("apem_params", {}),
+        filter_params=spec.get("filter_params", {}),
     )
     with SyncTorchServeClient(settings) as client:
         result = client.call(spec["model"], request, FilterResult)

@@ -11,7 +11,6 @@ import time
 import zipfile
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -64,62 +63,19 @@ def test_models_and_inference(api: httpx.Client) -> None:
     assert len(reply.json()["predictions"]) == 2
 
 
-def test_explain_attack_apem(api: httpx.Client) -> None:
-    detail = api.get(f"/v1/models/{MODEL}").json()
-    if not detail["explainers"]:
-        reply = api.post(
-            f"/v1/models/{MODEL}/explain", files=image_files(png()), data={"method": "gradient"}
-        )
-        err(reply, 422)
-        pytest.skip("the handler serves no explainer yet")
-    method = detail["explainers"][0]
-    reply = api.post(
-        f"/v1/models/{MODEL}/explain", files=image_files(png()), data={"method": method}
-    )
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["relevance"]["encoding"] == "npy-base64" and body["heatmap_png"]
-    reply = api.post(
-        f"/v1/models/{MODEL}/attack",
-        files=image_files(png()),
-        data={"method": "ifgsm", "params": json.dumps({"epsilon": 0.05, "steps": 3})},
-    )
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["linf"] <= 0.05 + 1e-4
-    npy = io.BytesIO()
-    np.save(npy, np.random.default_rng(0).random((32, 32)).astype(np.float32))
-    reply = api.post(
-        f"/v1/models/{MODEL}/apem",
-        files={
-            **image_files(png()),
-            "relevance": ("r.npy", npy.getvalue(), "application/octet-stream"),
-        },
-    )
-    assert reply.status_code in (200, 422), (
-        reply.text
-    )  # 422 only if the handler refuses the map shape
+def test_explain_refusals(api: httpx.Client) -> None:
     err(
         api.post(f"/v1/models/{MODEL}/explain", files=image_files(png()), data={"method": "nope"}),
         422,
     )
-    err(
-        api.post(
-            f"/v1/models/{MODEL}/explain",
-            files=image_files(png()),
-            data={"method": method, "target": "999"},
-        ),
-        422,
-        "invalid_target",
-    )
-    err(
-        api.post(
-            f"/v1/models/{MODEL}/explain",
-            files=image_files(png()),
-            data={"method": method, "params": "{oops"},
-        ),
-        422,
-        "invalid_params",
-    )
+    for data, code in (
+        ({"method": "gradient", "target": "999"}, "invalid_target"),
+        ({"method": "gradient", "params": "{oops"}, "invalid_params"),
+        ({"method": "smoothgrad", "params": json.dumps({"n": 0})}, "bad_parameter"),
+        ({"method": "smoothgrad", "params": json.dumps({"sigma": -1})}, "bad_parameter"),
+        ({"method": "lime", "params": json.dumps({"num_features": 10_000})}, "bad_parameter"),
+    ):
+        err(api.post(f"/v1/models/{MODEL}/explain", files=image_files(png()), data=data), 422, code)
 
 
 def _gif() -> bytes:
@@ -298,36 +254,42 @@ def test_dataset_and_criticism_job(api: httpx.Client) -> None:
             "params": {"class_index": 0} if method == "probs" else {},
         }
         accepted = api.post("/v1/jobs", json=job)
-        if accepted.status_code == 422 and accepted.json()["error"]["code"] == "unsupported_task":
-            continue  # the handler does not serve this criticism's task yet
         assert accepted.status_code == 202, accepted.text
         status = wait_job(api, accepted.json()["job_id"])
         assert status["status"] == "finished", status
         result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
         assert result["method"] == method and result["n_candidates"] == 6
+        assert len(result["prototypes"]) <= 2 and len(result["criticisms"]) <= 2
+        if method in ("mmd", "random"):  # they always fill both rows
+            assert len(result["prototypes"]) == 2 and len(result["criticisms"]) == 2
+        gallery = base64.b64decode(result["gallery_png"])
+        assert gallery.startswith(b"\x89PNG\r\n\x1a\n")
     err(api.get("/v1/jobs/" + "0" * 32), 404, "job_not_found")
     assert api.delete(f"/v1/datasets/{dataset['dataset_id']}").status_code == 200
 
 
-def test_filter_job(api: httpx.Client) -> None:
-    explainers = api.get(f"/v1/models/{MODEL}").json()["explainers"]
-    if not explainers:
-        pytest.skip("the handler serves no explainer yet")
-    method = explainers[0]
+def test_filter_job(api: httpx.Client, shapes_split) -> None:
+    star = io.BytesIO()
+    Image.fromarray(shapes_split("spurious", "test").images[0]).save(star, format="PNG")
+    method = "gradient"
     accepted = api.post(
         "/v1/jobs",
         json={
             "type": "filter",
             "model": MODEL,
             "method": method,
-            "image": base64.b64encode(png()).decode(),
+            "image": base64.b64encode(star.getvalue()).decode(),
+            "filter_params": {"levels": 16},
+            "apem_params": {"max_steps": 300},
         },
     )
     assert accepted.status_code == 202
     status = wait_job(api, accepted.json()["job_id"])
-    assert status["status"] in ("finished", "failed")
-    if status["status"] == "failed":
-        assert "Traceback" not in (status["error"] or "")
+    assert status["status"] == "finished", status
+    result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
+    assert result["method"] == method and result["filter_params"]["levels"] == 16
+    assert result["apem_after"] >= result["apem_before"] and 0 < result["fraction_kept"] <= 1
+    assert result["filtered"]["shape"] == [64, 64]
 
 
 def _queue(stack: Stack):  # type: ignore[no-untyped-def]

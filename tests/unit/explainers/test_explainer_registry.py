@@ -72,7 +72,7 @@ def test_explicit_targets_and_range_check(name: str) -> None:
     for bad in ([NUM_CLASSES, 0], [0, -1]):
         with pytest.raises(InvalidParameter) as info:
             explainer.explain(model, images, torch.tensor(bad))
-        assert info.value.parameter == "target" and "out of range" in str(info.value)
+        assert info.value.param == "target" and "out of range" in str(info.value)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -138,7 +138,7 @@ def test_bad_parameters_raise_invalid_parameter(name: str, params: dict, paramet
     with pytest.raises(InvalidParameter) as info:
         create_explainer(name, params)
     assert isinstance(info.value, ValueError)
-    assert info.value.parameter == parameter
+    assert info.value.param == parameter
     assert str(info.value).startswith(f"{parameter}: ")
 
 

@@ -1,0 +1,114 @@
+"""Explain, attack and APEM over real HTTP on demo images whose answers we know."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def star(shapes_split) -> tuple[bytes, np.ndarray]:
+    """A test star (class 3) as PNG bytes, with its core mask."""
+    split = shapes_split("spurious", "test")
+    i = next(i for i, a in enumerate(split.attributes) if a["class_name"] == "star")
+    out = io.BytesIO()
+    Image.fromarray(split.images[i]).save(out, format="PNG")
+    return out.getvalue(), split.core_masks[i]
+
+
+def _files(data: bytes) -> dict:
+    return {"image": ("star.png", data, "image/png")}
+
+
+def _npy(body: dict) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(body["data"])), allow_pickle=False)
+
+
+@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "integrated_gradients", "lrp", "lime", "gradcam", "nam"])
+def test_every_method_explains_the_predicted_class(api: httpx.Client, star, method: str) -> None:
+    image, core = star
+    params = {"n": 300} if method == "lime" else {}
+    reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image),
+                     data={"method": method, "params": json.dumps(params)})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == MODEL and body["method"] == method and body["stage"] == 2
+    assert body["prediction"]["label"] == "star" and body["target"] == 3  # default: predicted class
+    relevance = _npy(body["relevance"])
+    assert relevance.shape == (64, 64) and body["relevance"]["shape"] == [64, 64]
+    assert 0.0 <= relevance.min() and relevance.max() <= 1.0 and relevance.max() > 0
+    assert base64.b64decode(body["heatmap_png"]).startswith(PNG)
+    assert base64.b64decode(body["overlay_png"]).startswith(PNG)
+    # every method returns the parameters it used, defaults included
+    if method == "lime":
+        assert body["params"]["n"] == 300 and body["params"]["kernel_width"] == 0.25
+    if method == "smoothgrad":
+        assert body["params"]["n"] == 100 and body["params"]["sigma"] == 0.2  # thesis defaults
+
+
+def test_lrp_relevance_lies_on_the_star(api: httpx.Client, star) -> None:
+    image, core = star
+    reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={"method": "lrp"})
+    relevance = _npy(reply.json()["relevance"])
+    share = relevance[core].sum() / relevance.sum()
+    assert share > 2 * core.mean(), (share, core.mean())
+
+
+def test_explain_other_target_stage_and_apem_score(api: httpx.Client, star) -> None:
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image),
+                     data={"method": "gradient", "target": "0", "stage": "3", "score": "apem"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["target"] == 0 and body["stage"] == 3 and body["prediction"]["label"] == "star"
+    apem = body["apem"]
+    assert apem["grid"]["step"] == 1.0 and apem["approximate"] is False
+    assert apem["eps_minus"] is None or apem["eps_minus"] > 0
+
+
+def test_attack_flips_within_budget_and_targeted_reaches_target(api: httpx.Client, star) -> None:
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/attack", files=_files(image),
+                     data={"method": "ifgsm", "params": json.dumps({"step_size": 0.008, "steps": 10})})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["original"]["label"] == "star"
+    assert body["success"] and body["adversarial"]["label"] != "star"
+    assert 1 <= body["steps_to_flip"] <= 10 and body["linf"] <= 0.08 + 1e-6
+    assert base64.b64decode(body["adversarial_png"]).startswith(PNG)
+    assert base64.b64decode(body["perturbation_png"]).startswith(PNG)
+    targeted = api.post(f"/v1/models/{MODEL}/attack", files=_files(image),
+                        data={"method": "pgd", "params": json.dumps(
+                            {"epsilon": 0.1, "step_size": 0.01, "steps": 40, "target_class": 0})}).json()
+    assert targeted["success"] and targeted["adversarial"]["class_index"] == 0
+    assert targeted["linf"] <= 0.1 + 1e-6
+
+
+def test_apem_from_method_and_from_uploaded_map(api: httpx.Client, star) -> None:
+    image, core = star
+    by_method = api.post(f"/v1/models/{MODEL}/apem", files=_files(image), data={"method": "gradient"})
+    assert by_method.status_code == 200, by_method.text
+    assert by_method.json()["grid"]["max_steps"] > 0
+    on_core = io.BytesIO()
+    np.save(on_core, core.astype(np.float32))
+    reply = api.post(f"/v1/models/{MODEL}/apem",
+                     files={**_files(image), "relevance": ("r.npy", on_core.getvalue(), "application/octet-stream")})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["eps_minus"] is not None and body["apem"] is not None
+    wrong = io.BytesIO()
+    np.save(wrong, np.zeros((32, 32), np.float32))
+    refused = api.post(f"/v1/models/{MODEL}/apem",
+                       files={**_files(image), "relevance": ("r.npy", wrong.getvalue(), "application/octet-stream")})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_relevance"
