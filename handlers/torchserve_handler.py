@@ -40,12 +40,26 @@ def select_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def configure_threads() -> None:
-    """Intra-op threads per worker from ``BEYOND_TORCH_THREADS`` (default: torch's choice)."""
+def torch_threads(workers: int | None, cores: int | None = None) -> int:
+    """Intra-op threads for one worker: ``BEYOND_TORCH_THREADS``, else the cores shared out
+    among the model's workers (``minWorkers``), so that N workers never run N x cores
+    threads: oversubscribed, torch's thread pools stall each other and throughput collapses
+    (docs/performance.md)."""
     threads = os.environ.get("BEYOND_TORCH_THREADS")
     if threads:
-        torch.set_num_threads(int(threads))
+        return max(1, int(threads))
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers or 1))
+
+
+def configure_threads(workers: int | None = None) -> None:
+    """Set this worker's torch threads (see :func:`torch_threads`); one inter-op thread."""
+    torch.set_num_threads(torch_threads(workers))
+    try:
         torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process (or parallel work has started)
+        pass
 
 
 def parse_request(item: dict[str, Any]) -> contract.BaseModel:
@@ -74,7 +88,8 @@ class BeyondHandler:
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
-        configure_threads()
+        model_config = getattr(context, "model_yaml_config", None) or {}
+        configure_threads(model_config.get("minWorkers"))
         device = select_device(properties.get("gpu_id"))
         model, spec = load_model_dir(Path(properties["model_dir"]), device)
         self.runner = TaskRunner(model, spec, device)
