@@ -60,8 +60,10 @@ class ImageClassifier(ResNet):
 class ServeConfig:
     """Our archive's model config and TorchServe's process settings."""
 
-    workers: int = 1
-    torch_threads: int = 2
+    # chosen from measurements on two cores (docs/performance.md): two single-threaded
+    # workers, batches of up to 8 collected for at most 5 ms
+    workers: int = 2
+    torch_threads: int = 1
     batch_size: int = 8
     max_batch_delay_ms: int = 5
 
