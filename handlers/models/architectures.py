@@ -164,12 +164,16 @@ def build_architecture(
 ) -> SplitNetwork:
     """Instantiate architecture ``name``; random weights unless a ``state_dict`` is given.
 
-    Torchvision architectures take their state dict in torchvision's own key layout (what
-    ``torch.save(model.state_dict())`` writes for a torchvision model), ours in
-    :class:`SplitNetwork` layout.
+    The state dict may be in :class:`SplitNetwork` layout (what ``model_store`` saves) or,
+    for torchvision architectures, in torchvision's own key layout (what
+    ``torch.save(model.state_dict())`` writes for a torchvision model).
     """
     try:
         factory = ARCHITECTURES[name]
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+    if state_dict is not None and all(k.startswith(("features.", "head.")) for k in state_dict):
+        network = factory(num_classes, None)
+        network.load_state_dict(state_dict)
+        return network
     return factory(num_classes, state_dict)
