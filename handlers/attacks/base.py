@@ -13,8 +13,7 @@ to the input only, so no parameter ``.grad`` is ever written.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handlers.attacks.params import AttackParams, CoreSettings
+from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, UnknownMethod
 
 NEVER = -1
@@ -95,24 +95,6 @@ def concatenate(results: list[AttackBatchResult]) -> AttackBatchResult:
         if isinstance(value, torch.Tensor)
     }
     return AttackBatchResult(**tensors, targeted=first.targeted, iterations=first.iterations)
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode for the block and restore its previous mode afterwards.
-
-    Autograd is available inside even when the caller runs under ``torch.inference_mode``
-    (as a model server may); :func:`check_images` copies inference tensors.
-    """
-    was_training = model.training
-    try:
-        with torch.inference_mode(False):
-            if was_training:
-                model.eval()
-            yield
-    finally:
-        if was_training:
-            model.train()
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:

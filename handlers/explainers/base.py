@@ -12,7 +12,6 @@ space (the served :class:`~handlers.models.classifier.PixelClassifier` normalise
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 __all__ = [
@@ -131,20 +131,6 @@ def _check_inputs(images: Tensor, targets: Tensor | int | None) -> tuple[Tensor,
     return images, targets.long()
 
 
-@contextlib.contextmanager
-def _explaining(model: nn.Module) -> Iterator[None]:
-    """Autograd on (also under an outer ``inference_mode``), model in eval mode, restored."""
-    was_training = model.training
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            if was_training:
-                model.eval()
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
 # --------------------------------------------------------------------------- protocol
 class Explainer(ABC):
     """One explanation method: validated parameters plus one abstract :meth:`attribute`.
@@ -182,7 +168,7 @@ class Explainer(ABC):
             InvalidParameter: A target is out of range, or a parameter does not fit the input.
         """
         images, targets = _check_inputs(images, targets)
-        with _explaining(model):
+        with evaluation_mode(model):
             images = images.clone() if images.is_inference() else images.detach()
             targets = None if targets is None else targets.clone()
             result = self.attribute(model, images, targets)

@@ -34,6 +34,16 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.feature_map, model.head
 
 
+def feature_map_gradients(model: nn.Module, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Last feature map ``A``, ``d logit_target / dA`` and the resolved targets."""
+    feature_map, head = split_model(model)
+    activations = feature_map(images).detach().requires_grad_(True)
+    logits = head(activations)
+    targets = resolve_targets(logits, targets)
+    (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
+    return activations.detach(), grad, targets
+
+
 def upsample(maps: Tensor, size: tuple[int, int], mode: Interpolation) -> Tensor:
     """``(B, h, w)`` maps resized to ``size``."""
     corners = None if mode == "nearest" else False
@@ -55,12 +65,8 @@ class GradCam(Explainer):
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Channel weights from head gradients, weighted sum of the feature maps, resize."""
-        feature_map, head = split_model(model)
-        activations = feature_map(images).detach().requires_grad_(True)
-        logits = head(activations)
-        targets = resolve_targets(logits, targets)
-        (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
-        cam = (grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1).detach()
+        activations, grad, targets = feature_map_gradients(model, images, targets)
+        cam = (grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1)
         if self.params.relu:
             cam = cam.clamp(min=0)
         cam = upsample(cam, images.shape[-2:], self.params.interpolation)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydantic import Field
-from torch import Tensor, autograd, nn
+from torch import Tensor, nn
 
 from handlers.explainers.base import (
     Attribution,
@@ -11,10 +11,8 @@ from handlers.explainers.base import (
     ExplainerParams,
     InvalidParameter,
     register,
-    resolve_targets,
-    select_logits,
 )
-from handlers.explainers.gradcam import Interpolation, split_model, upsample
+from handlers.explainers.gradcam import Interpolation, feature_map_gradients, upsample
 
 
 class NamParams(ExplainerParams):
@@ -43,12 +41,8 @@ class Nam(Explainer):
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Pick the feature (given or most important), normalise its map, resize."""
-        feature_map, head = split_model(model)
-        activations = feature_map(images).detach().requires_grad_(True)
-        logits = head(activations)
-        targets = resolve_targets(logits, targets)
-        (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
-        embedding = activations.detach().mean(dim=(2, 3))
+        activations, grad, targets = feature_map_gradients(model, images, targets)
+        embedding = activations.mean(dim=(2, 3))
         importance = embedding * grad.sum(dim=(2, 3))
         num = activations.shape[1]
         if self.params.feature is None:

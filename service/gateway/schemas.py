@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from handlers.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail
+from handlers.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail, FilterResult
 
 JobState = Literal["queued", "started", "finished", "failed", "canceled"]
 
@@ -211,23 +211,10 @@ class CriticismResult(_Out):
     elapsed_ms: float
 
 
-class FilterJobResult(_Out):
+class FilterJobResult(FilterResult):
+    """The filter job's result: TorchServe's ``FilterResult`` (thesis 003, Algorithm 2)."""
+
     type: Literal["filter"] = "filter"
-    model: str
-    version: str
-    method: str
-    params: dict[str, Any]
-    target: int
-    filtered: EncodedArray
-    apem_before: float | None
-    apem_after: float | None
-    fraction_kept: float
-    values_removed: int = 0
-    candidates_scored: int = 0
-    stop: str = ""
-    approximate: bool = False
-    filter_params: dict[str, Any] = Field(default_factory=dict)
-    elapsed_ms: float
 
 
 JobResult = Annotated[CriticismResult | FilterJobResult, Field(discriminator="type")]
