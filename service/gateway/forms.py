@@ -29,7 +29,7 @@ async def _read_capped(upload: UploadFile, limit: int, what: str) -> bytes:
 async def read_image(upload: UploadFile, settings: Settings) -> str:
     """Validate the uploaded image and return it as base64 canonical RGB PNG."""
     data = await _read_capped(upload, settings.max_upload_bytes, "the image")
-    canonical = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    canonical = await run_in_threadpool(decode_image, data, settings.max_image_pixels, 0)
     return base64.b64encode(canonical.png).decode("ascii")
 
 
