@@ -65,7 +65,6 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     form_limits = {
         "max_fields": settings.max_form_fields,

@@ -12,10 +12,18 @@ from redis import Redis
 
 from handlers.contract import DescribeResult
 from service.errors import ApiError
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.torchserve_client import AsyncTorchServeClient
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+def app_settings(request: Request) -> Settings:
+    """The settings the app was built with (``create_app``). Not ``dependency_overrides``:
+    with any override in place FastAPI rebuilds every dependency of every request (about
+    1 ms of CPU per request, measured in docs/performance.md)."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
 def require_key(request: Request, settings: SettingsDep) -> str:
