@@ -286,6 +286,6 @@ if os.environ.get("BEYOND_LOAD_STEPS"):
                                 [f"{time.time():.3f}", "__step__", rate, -1, ""]
                             )
                     users = max(1, math.ceil(rate / self.per_user))
-                    return users, float(users)  # all users of a step start within a second
+                    return users, 1000.0  # a step's users start (or stop) at once
                 elapsed -= seconds
             return None
