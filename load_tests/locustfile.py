@@ -244,6 +244,11 @@ class PredictUser(FastHttpUser):
     network_timeout = float(CONFIG["run"]["timeout_s"])
     connection_timeout = 10.0
 
+    def on_start(self) -> None:
+        # users of a step start together: spread their first requests over one period so
+        # the offered load is a steady rate, not one burst per second
+        time.sleep(random.uniform(0, 1 / float(CONFIG["capacity"]["per_user_rps"])))
+
     @task
     def predict(self) -> None:
         body = multipart({}, random.choice(Served.images))
