@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from handlers.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail, FilterResult
 
@@ -81,13 +81,25 @@ class ExplainResponse(_Out):
 
 
 class AttackParams(_In):
-    """Parameters of the FGSM / I-FGSM / PGD family (pixels in [0, 1])."""
+    """Parameters of the FGSM / I-FGSM / PGD family (pixels in [0, 1]).
 
-    epsilon: float = Field(8 / 255, gt=0, le=1)
+    Every field is optional: what the client leaves out takes the method's own default
+    (I-FGSM: paper 000's step 0.001 x 10 steps, no projection; FGSM: one step of 0.01;
+    PGD: 8/255 ball, 2/255 steps, 10 steps, seeded random start), and the response's
+    ``params`` says which values were used. FGSM takes no ``steps``/``step_size``.
+    """
+
+    epsilon: float | None = Field(None, gt=0, description="budget: FGSM step, PGD/I-FGSM ball radius")
     step_size: float | None = Field(None, gt=0, le=1)
-    steps: int = Field(10, ge=1, le=1000)
-    norm: Literal["linf", "l2"] = "linf"
+    steps: int | None = Field(None, ge=1, le=1000)
+    norm: Literal["linf", "l2"] | None = None
     target_class: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _linf_sizes_within_pixel_range(self) -> AttackParams:
+        if self.norm in (None, "linf") and self.epsilon is not None and self.epsilon > 1:
+            raise ValueError("an L-inf epsilon in [0, 1] pixel units is at most 1")
+        return self
 
 
 AttackMethod = Literal["fgsm", "ifgsm", "pgd"]

@@ -95,6 +95,20 @@ def test_attack_flips_within_budget_and_targeted_reaches_target(api: httpx.Clien
     assert targeted["linf"] <= 0.1 + 1e-6
 
 
+@pytest.mark.parametrize("method", ["fgsm", "ifgsm", "pgd"])
+def test_every_attack_runs_with_its_own_defaults(api: httpx.Client, star, method: str) -> None:
+    """No params: the method's defaults (FGSM takes no ``steps``; I-FGSM is paper 000's)."""
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/attack", files=_files(image), data={"method": method})
+    assert reply.status_code == 200, reply.text
+    params = reply.json()["params"]
+    expected = {"fgsm": {"eps": 0.01}, "ifgsm": {"step_size": 0.001, "steps": 10},
+                "pgd": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}}[method]
+    assert {k: params[k] for k in expected} == pytest.approx(expected)
+    if method == "fgsm":
+        assert "steps" not in params
+
+
 def test_apem_from_method_and_from_uploaded_map(api: httpx.Client, star) -> None:
     image, core = star
     by_method = api.post(f"/v1/models/{MODEL}/apem", files=_files(image), data={"method": "gradient"})

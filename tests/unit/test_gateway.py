@@ -102,6 +102,17 @@ def test_explain_attack_apem(client: TestClient) -> None:
     assert fake_torchserve.State.requests[-1]["relevance"]["shape"] == [8, 8]
 
 
+def test_attack_forwards_only_the_parameters_the_client_set(client: TestClient) -> None:
+    """Unset parameters take the method's own defaults in the handler (FGSM has no steps)."""
+    url = "/v1/models/shapes-resnet/attack"
+    reply = client.post(url, files=files(), data={"method": "fgsm"})
+    assert reply.status_code == 200, reply.text
+    assert fake_torchserve.State.requests[-1]["params"] == {}
+    reply = client.post(url, files=files(), data={"method": "pgd", "params": '{"epsilon": 0.02, "norm": "l2"}'})
+    assert reply.status_code == 200, reply.text
+    assert fake_torchserve.State.requests[-1]["params"] == {"epsilon": 0.02, "norm": "l2"}
+
+
 @pytest.mark.parametrize(
     ("path", "data", "code"),
     [
