@@ -73,13 +73,20 @@ class Rule(ABC):
     """An LRP rule for a linear layer in modified-gradient form (one configurable core).
 
     Subclasses implement :meth:`input_gradient`; the core (:class:`_RuleFunction`) calls it
-    in the backward pass and books the relevance the layer absorbs (bias, stabiliser) into
-    :attr:`absorbed`, per sample, so that
-    ``sum(input relevance) + absorbed == explained logit`` (the conservation check).
+    in the backward pass. With ``book_absorbed`` it also books the relevance each layer
+    absorbs (bias, stabiliser) into :attr:`absorbed`, per sample, so that
+    ``sum(input relevance) + absorbed == explained logit`` (the conservation check). The
+    booking is an independent audit of the backward pass, not part of the explanation: it
+    costs a few tensor operations per layer (about 10 % of an LRP call on ``shapes-resnet``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, book_absorbed: bool = False) -> None:
+        self.book_absorbed = book_absorbed
         self.absorbed: Tensor | None = None
+
+    def apply(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """``layer(x)`` forwards, with this rule's modified gradient backwards."""
+        return _RuleFunction.apply(x, layer, self)
 
     @abstractmethod
     def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
@@ -97,9 +104,24 @@ class Epsilon(Rule):
     ``ε = 0`` is the basic rule. In gradient form: ``g_in = Wᵀ (g · z / (z + ε sign z))``.
     """
 
-    def __init__(self, epsilon: float) -> None:
-        super().__init__()
+    def __init__(self, epsilon: float, book_absorbed: bool = False) -> None:
+        super().__init__(book_absorbed)
         self.epsilon = epsilon
+
+    def apply(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """Without booking, no custom backward at all: ``g_in = Wᵀ (g · r)`` with the constant
+        ratio ``r = z / (z + ε sign z) = |z| / (|z| + ε)`` is the ordinary gradient of
+        ``z · r`` with ``r`` detached, so ``stop(z) + (z·r - stop(z·r))`` (value ``z``,
+        exactly) lets autograd run the whole backward pass in C++ (about 50 µs less Python
+        per layer and call)."""
+        if self.book_absorbed:
+            return super().apply(layer, x)
+        z = layer(x)
+        frozen = z.detach()
+        ratio = frozen.abs()
+        ratio.div_(ratio + self.epsilon)
+        scaled = z * ratio
+        return frozen + (scaled - scaled.detach())
 
     def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
         scaled = grad * z / stabilize(z, self.epsilon)
@@ -115,8 +137,10 @@ class AlphaBeta(Rule):
     are not contributions. Denominators are stabilised by ``stabilizer · sign``.
     """
 
-    def __init__(self, alpha: float, beta: float, stabilizer: float = 1e-6) -> None:
-        super().__init__()
+    def __init__(
+        self, alpha: float, beta: float, stabilizer: float = 1e-6, book_absorbed: bool = False
+    ) -> None:
+        super().__init__(book_absorbed)
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
 
     def input_gradient(self, layer: nn.Module, x: Tensor, z: Tensor, grad: Tensor) -> Tensor:
@@ -152,7 +176,8 @@ class _RuleFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         x, z = ctx.saved_tensors
         grad_in = ctx.rule.input_gradient(ctx.layer, x, z, grad)
-        ctx.rule.book(x, z, grad, grad_in)
+        if ctx.rule.book_absorbed:
+            ctx.rule.book(x, z, grad, grad_in)
         return grad_in, None, None
 
 
@@ -180,7 +205,7 @@ class RuleLayer(nn.Module):
         rule = _ACTIVE_RULE.get()
         if rule is None:
             return self.layer(x)
-        return _RuleFunction.apply(x, self.layer, rule)
+        return rule.apply(self.layer, x)
 
 
 # --------------------------------------------------------------------------- canonization

@@ -73,7 +73,7 @@ def test_smoothgrad_wraps_other_explainers() -> None:
     model, images = make_classifier(), make_images()
     params = {"n": 2, "sigma": 0.0, "base": "lrp", "base_params": {"epsilon": 0.5}}
     result = explain(model, images, "smoothgrad", params)
-    assert result.params["base_params"] == {"rule": "epsilon", "epsilon": 0.5, "alpha": None, "beta": None}
+    assert result.params["base_params"] == {"rule": "epsilon", "epsilon": 0.5, "alpha": None, "beta": None, "book_absorbed": False}
     lrp = explain(model, images, "lrp", {"epsilon": 0.5}).relevance
     torch.testing.assert_close(result.relevance, lrp, rtol=1e-5, atol=1e-8)
 

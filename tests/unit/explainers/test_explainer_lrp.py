@@ -86,13 +86,16 @@ def test_conservation_bookkeeping(architecture: str, params: dict) -> None:
     """
     torch.set_num_threads(1)
     model, images = make_classifier(architecture, dtype=torch.float64), make_images(3, dtype=torch.float64)
-    result = explain(model, images, "lrp", params)
+    result = explain(model, images, "lrp", {**params, "book_absorbed": True})
     total = result.relevance.double().sum((1, 2, 3))
     torch.testing.assert_close(total, torch.tensor(result.extras["relevance_sum"], dtype=torch.float64), rtol=1e-5, atol=1e-9)
     logit = model(images).gather(1, result.targets[:, None])[:, 0].detach()
     torch.testing.assert_close(torch.tensor(result.extras["explained_logit"], dtype=torch.float64), logit)
     booked = total + torch.tensor(result.extras["absorbed"], dtype=torch.float64)
     torch.testing.assert_close(booked, logit, rtol=1e-6, atol=1e-9)
+    unbooked = explain(model, images, "lrp", params)
+    assert "absorbed" not in unbooked.extras  # the audit is opt-in; the relevance is the same
+    torch.testing.assert_close(unbooked.relevance, result.relevance, rtol=0, atol=0)
 
 
 def _bias_free(architecture: str) -> PixelClassifier:
