@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, autograd, nn
@@ -37,7 +38,9 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def feature_map_gradients(model: nn.Module, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Last feature map ``A``, ``d logit_target / dA`` and the resolved targets."""
     feature_map, head = split_model(model)
-    activations = feature_map(images).detach().requires_grad_(True)
+    with torch.no_grad():  # the gradient only runs through the head: no graph for the rest
+        activations = feature_map(images)
+    activations.requires_grad_(True)
     logits = head(activations)
     targets = resolve_targets(logits, targets)
     (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)
