@@ -20,6 +20,7 @@ from handlers.explainers.base import (
     chunks,
     register,
 )
+from handlers.models.derived import inference_logits
 
 
 class LimeParams(StochasticParams, BatchedParams):
@@ -164,12 +165,12 @@ class Lime(Explainer):
         fill = hidden_image(image, segments, samples.shape[1], self.params.hide_color)
         masks = samples.to(image.device).bool()[:, segments]  # (n, H, W): pixel shown?
         scores = []
-        with torch.no_grad():
-            for part in chunks(len(samples), self.params.batch_size):
+        for part in chunks(len(samples), self.params.batch_size):
+            with torch.no_grad():
                 batch = torch.where(masks[part].unsqueeze(1), image, fill)
-                logits = model(batch)
-                out = logits.softmax(dim=1) if self.params.output == "probability" else logits
-                scores.append(out[:, target].double().cpu())
+            logits = inference_logits(model, batch)
+            out = logits.softmax(dim=1) if self.params.output == "probability" else logits
+            scores.append(out[:, target].double().cpu())
         return torch.cat(scores).numpy()
 
     def _fit(self, samples: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

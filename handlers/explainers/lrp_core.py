@@ -18,27 +18,25 @@ gradient, which gives exactly the usual LRP treatment of the rest of the network
 Only the linear layers need custom backward passes (:class:`Rule`); they see the gradient
 arriving at their output and never recompute the forward pass, so the epsilon rule costs a
 forward and a backward pass. Batch norm is merged into the preceding linear layer first, on
-a deep copy of the network built once per model instance (:func:`canonized`). The served
+a deep copy of the network built once per model instance (:func:`canonized`, cached by
+:mod:`handlers.models.derived`). The served
 model itself is never modified.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import threading
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from handlers.models.derived import LINEAR_TYPES, derived_copy, frozen_copy
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
 
@@ -209,46 +207,6 @@ class RuleLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------- canonization
-def _fold_batch_norm(layer: nn.Module, bn: _BatchNorm) -> None:
-    """Merge eval-mode ``bn`` into the linear ``layer`` that feeds it (in float64)."""
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    scale = torch.rsqrt(var + bn.eps)
-    shift = -mean * scale
-    if bn.affine:
-        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
-    weight = layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-    bias = shift if layer.bias is None else layer.bias.double() * scale + shift
-    dtype = layer.weight.dtype
-    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-
-
-def _mergeable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(layer, LINEAR_TYPES) or not isinstance(bn, _BatchNorm):
-        return False
-    if bn.running_var is None or bn.running_mean is None:
-        return False
-    return layer.weight.shape[0] == bn.num_features
-
-
-def merge_batch_norms(module: nn.Module) -> int:
-    """Fold every batch norm that directly follows a linear layer among siblings; count them.
-
-    "Directly follows" is judged by registration order (``Sequential`` order, and
-    ``conv1, bn1, ...`` in torchvision blocks); :func:`canonized` verifies the result.
-    """
-    merged = 0
-    children = list(module.named_children())
-    for (_, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
-        if _mergeable(layer, bn):
-            _fold_batch_norm(layer, bn)
-            setattr(module, bn_name, nn.Identity())
-            merged += 1
-    for _, child in module.named_children():
-        merged += merge_batch_norms(child)
-    return merged
-
-
 def _wrap_linear_layers(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, LINEAR_TYPES) and _supported(child):
@@ -265,58 +223,16 @@ def _supported(layer: nn.Module) -> bool:
 
 def canonize(network: nn.Module) -> nn.Module:
     """A deep copy of ``network`` with batch norm merged and rule-aware linear layers."""
-    duplicate = copy.deepcopy(network).eval()
-    for parameter in duplicate.parameters():
-        parameter.requires_grad_(False)
-    merge_batch_norms(duplicate)
+    duplicate = frozen_copy(network)
     _wrap_linear_layers(duplicate)
     return duplicate
-
-
-class _Entry(NamedTuple):
-    network: nn.Module
-    tensors: list[Tensor]
-    fingerprint: tuple[Any, ...]
-
-
-_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
-_CACHE_LOCK = threading.Lock()
-
-
-def _fingerprint(tensors: list[Tensor]) -> tuple[Any, ...]:
-    """Storage and version of every tensor: changes when weights change in place."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-def _still_valid(entry: _Entry | None) -> bool:
-    return entry is not None and _fingerprint(entry.tensors) == entry.fingerprint
 
 
 def canonized(network: nn.Module, probe: Tensor) -> nn.Module:
     """The cached canonized copy of ``network`` (built, and checked on ``probe``, once).
 
-    The copy is rebuilt when a weight or buffer of ``network`` changes in place (its
-    version counter moves, e.g. ``load_state_dict`` or an optimizer step). Replacing a
-    parameter object by another is not watched: build a new model instead.
-
     Raises:
         RuntimeError: The canonized copy does not compute the same function (an
             architecture whose batch norms are not where registration order says).
     """
-    entry = _CACHE.get(network)
-    if _still_valid(entry):  # the common case: no lock, no walk over the modules
-        return entry.network
-    with _CACHE_LOCK:
-        entry = _CACHE.get(network)
-        if _still_valid(entry):
-            return entry.network
-        tensors = [*network.parameters(), *network.buffers()]
-        fingerprint = _fingerprint(tensors)
-        duplicate = canonize(network)
-        with torch.no_grad():
-            expected, got = network(probe), duplicate(probe)
-        tolerance = 1e-3 * (1.0 + float(expected.abs().max()))
-        if not torch.allclose(expected, got, rtol=0.0, atol=tolerance):
-            raise RuntimeError("LRP canonization changed the network's output; unsupported layout")
-        _CACHE[network] = _Entry(duplicate, tensors, fingerprint)
-        return duplicate
+    return derived_copy(network, "lrp", canonize, probe)

@@ -17,8 +17,9 @@ from zennit.torchvision import ResNetCanonizer
 from zennit.types import Activation, AvgPool, Convolution, Linear
 
 from handlers.explainers import explain
-from handlers.explainers.lrp_core import _ACTIVE_RULE, canonized, merge_batch_norms
+from handlers.explainers.lrp_core import _ACTIVE_RULE, canonized
 from handlers.models.classifier import PixelClassifier
+from handlers.models.derived import merge_batch_norms
 from tests.unit.explainers.conftest import (
     PREPROCESSING,
     assert_unchanged,
@@ -182,7 +183,7 @@ def test_a_wrong_merge_is_detected_not_served() -> None:
         net.bn.running_mean.fill_(0.3)
         net.bn.running_var.fill_(2.0)
     assert merge_batch_norms(copy.deepcopy(net)) == 1  # registration order suggests a merge
-    with pytest.raises(RuntimeError, match="canonization changed"):
+    with pytest.raises(RuntimeError, match="lrp copy changed"):
         canonized(net, torch.rand(1, 3, 8, 8))
 
 

@@ -1,0 +1,53 @@
+"""The fused inference copy: same logits, the served network untouched, rebuilt on change."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from handlers.models.derived import inference_logits
+from tests.unit.explainers.conftest import make_classifier, make_images
+
+
+def _batch_norms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def test_inference_logits_match_the_model_and_leave_it_untouched() -> None:
+    torch.set_num_threads(1)
+    for architecture in ("shapes_resnet", "shapes_vgg"):
+        model = make_classifier(architecture)
+        images = make_images(6)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        norms = _batch_norms(model)
+        assert norms > 0 or architecture == "shapes_vgg"  # the VGG has no batch norm
+        with torch.no_grad():
+            expected = model(images)
+        got = inference_logits(model, images)
+        assert _batch_norms(model) == norms  # merged in the copy only
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got.argmax(1), expected.argmax(1))
+        assert not got.requires_grad
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inference_copy_follows_weight_changes() -> None:
+    torch.set_num_threads(1)
+    model, images = make_classifier(), make_images(3)
+    first = inference_logits(model, images)
+    with torch.no_grad():
+        model.network.head[-1].bias.add_(5.0)  # an in-place change the copy must see
+        expected = model(images)
+    second = inference_logits(model, images)
+    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first, second)
+
+
+def test_plain_modules_run_as_they_are() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    images = make_images(2)
+    with torch.no_grad():
+        expected = net(images)
+    torch.testing.assert_close(inference_logits(net, images), expected)
