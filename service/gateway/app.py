@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -28,16 +27,14 @@ from service.torchserve_client import AsyncTorchServeClient
 log = logging.getLogger("beyond.gateway")
 
 
-def create_app(
-    settings: Settings | None = None, torchserve_transport: httpx.AsyncBaseTransport | None = None
-) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the gateway for ``settings`` (default: :func:`get_settings`)."""
     settings = settings or get_settings()
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncTorchServeClient(settings, transport=torchserve_transport)
+        client = AsyncTorchServeClient(settings)
         redis_kwargs = {
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,

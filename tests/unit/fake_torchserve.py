@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,12 @@ def _score(i: int, p: float) -> dict[str, Any]:
 
 
 class State:
+    """``mode``: ok, busy, reject, hang, or held (every non-describe task waits for ``release``)."""
+
     mode = "ok"
     requests: list[dict[str, Any]] = []
+    release = threading.Event()
+    waiting = 0
 
 
 def answer(req: Any, model: str) -> dict[str, Any]:
@@ -159,6 +164,10 @@ async def predictions(request: Request) -> JSONResponse:
     except ValidationError as exc:
         return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)[:100]}}, 400)
     State.requests.append(req.model_dump())
+    if State.mode == "held" and req.task != "describe":
+        State.waiting += 1
+        while not State.release.is_set():
+            await asyncio.sleep(0.005)
     if State.mode == "reject":
         return JSONResponse(
             {"error": {"code": "invalid_params", "message": "sigma must be > 0"}}, 400

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from handlers.contract import TaskRequest
 from service.gateway.admission import AdmissionMiddleware, route_classes
 from service.gateway.app import create_app
 from service.settings import Settings
@@ -98,27 +97,10 @@ def test_bound_refuses_and_recovers() -> None:
     asyncio.run(_flood())
 
 
-class SlowTorchServe(httpx.AsyncBaseTransport):
-    """Answers ``describe`` at once and holds every predict until ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.waiting = 0
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        from pydantic import TypeAdapter
-
-        body = TypeAdapter(TaskRequest).validate_json(await request.aread())
-        if body.task != "describe":
-            self.waiting += 1
-            await self.release.wait()
-        model = request.url.path.rsplit("/", 1)[-1]
-        return httpx.Response(200, json=fake_torchserve.answer(body, model))
-
-
 async def _gateway_flood(settings: Settings) -> None:
-    torchserve = SlowTorchServe()
-    app = create_app(settings, torchserve_transport=torchserve)
+    """Two predictions held in the (real, HTTP) fake TorchServe fill a bound of two."""
+    held_state = fake_torchserve.State
+    app = create_app(settings)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     files = {"image": ("x.png", png(), "image/png")}
     async with app.router.lifespan_context(app):
@@ -128,7 +110,7 @@ async def _gateway_flood(settings: Settings) -> None:
         ) as client:
             url = "/v1/models/shapes-resnet/predict"
             held = [asyncio.create_task(client.post(url, files=files)) for _ in range(2)]
-            while torchserve.waiting < 2:
+            while held_state.waiting < 2:
                 await asyncio.sleep(0.005)
             refused = await client.post(url, files=files)
             assert refused.status_code == 429
@@ -137,14 +119,21 @@ async def _gateway_flood(settings: Settings) -> None:
             metrics = (await client.get("/metrics")).text
             assert 'beyond_inflight_requests{route_class="predict"} 2.0' in metrics
             assert 'beyond_admission_rejected_total{route_class="predict"} 1.0' in metrics
-            torchserve.release.set()
+            held_state.release.set()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
             assert (await client.post(url, files=files)).status_code == 200
 
 
 def test_gateway_answers_429_when_predict_is_full(settings: Settings) -> None:
     tight = settings.model_copy(update={"max_inflight_predict": 2, "overload_retry_after_s": 2})
-    asyncio.run(_gateway_flood(tight))
+    state = fake_torchserve.State
+    state.mode, state.waiting = "held", 0
+    state.release.clear()
+    try:
+        asyncio.run(_gateway_flood(tight))
+    finally:
+        state.mode = "ok"
+        state.release.set()
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,3 +159,16 @@ def test_full_connection_pool_is_busy_with_retry_after() -> None:
     )
     assert _transport_error(httpx.ReadTimeout("read"), retry_after_s=4).status == 504
     assert _transport_error(httpx.ConnectTimeout("connect"), retry_after_s=4).status == 503
+
+
+def test_gateway_client_maps_aiohttp_failures() -> None:
+    """Pool wait or connect timeout: busy with Retry-After; read timeout: 504; refused: 503."""
+    import aiohttp
+
+    from service.torchserve_client import _async_transport_error
+
+    busy = _async_transport_error(aiohttp.ConnectionTimeoutError("pool"), retry_after_s=4)
+    assert (busy.status, busy.code, busy.headers) == (503, "model_server_busy", {"Retry-After": "4"})
+    assert _async_transport_error(aiohttp.SocketTimeoutError("read"), retry_after_s=4).status == 504
+    refused = _async_transport_error(aiohttp.ClientConnectionError("refused"), retry_after_s=4)
+    assert (refused.status, refused.code) == (503, "model_server_unavailable")
