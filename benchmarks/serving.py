@@ -1,6 +1,7 @@
 """Predict throughput and latency, side by side on one model and one machine.
 
-Three arms, one after another in one run, each at several client concurrencies:
+Three arms in one run, each at several client concurrencies; ``gateway`` and ``direct``
+share one TorchServe and take turns (``--rounds`` slices per level), ``stock`` runs after:
 
 * ``gateway``: multipart 256x256 JPEG to the gateway (decode, validate, PNG, TorchServe);
 * ``direct``: our JSON contract with a base64 PNG straight to TorchServe and our handler;
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -252,25 +253,53 @@ def summarise(arm: str, config: str, c: int, result: tuple[list[float], int, flo
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Target:
+    """One arm's endpoint: where to send, what, with which headers."""
+
+    arm: str
+    url: str
+    request: RequestFactory
+    headers: dict[str, str]
+
+
 def run_levels(
-    arm: str,
+    targets: list[Target],
     config: str,
-    url: str,
-    request: RequestFactory,
-    headers: dict[str, str],
     levels: list[int],
     warmup_s: float,
     duration_s: float,
+    rounds: int = 1,
 ) -> list[Measurement]:
-    # prime the server (first passes allocate and tune), not counted
-    asyncio.run(closed_loop(url, request, headers, min(8, max(levels)), 0.0, max(warmup_s, 3.0)))
+    """Every target at every level; with ``rounds > 1`` the targets take turns.
+
+    Each (level, target) pair is measured in ``rounds`` slices of ``duration_s / rounds``
+    (warm-up ``warmup_s / rounds`` each), round by round, so a drift of the machine's speed
+    during the run (a shared machine drifts by 20 % within minutes) hits every arm alike
+    instead of whichever ran last.
+    """
+    for target in targets:  # prime the server (first passes allocate and tune), not counted
+        asyncio.run(closed_loop(target.url, target.request, target.headers,
+                                min(8, max(levels)), 0.0, max(warmup_s, 3.0)))  # fmt: skip
+    slices: dict[tuple[str, int], list[tuple[list[float], int, float]]] = {}
+    for _ in range(rounds):
+        for c in levels:
+            for target in targets:
+                result = asyncio.run(closed_loop(
+                    target.url, target.request, target.headers, c,
+                    warmup_s / rounds, duration_s / rounds,
+                ))  # fmt: skip
+                slices.setdefault((target.arm, c), []).append(result)
     out = []
-    for c in levels:
-        result = asyncio.run(closed_loop(url, request, headers, c, warmup_s, duration_s))
-        out.append(summarise(arm, config, c, result))
-        print(f"  {arm:8s} {config:10s} c={c:<3d} {out[-1].rps:7.2f} req/s  "
-              f"p50 {out[-1].p50_ms:8.1f} ms  p95 {out[-1].p95_ms:8.1f} ms  "
-              f"errors {out[-1].errors}", flush=True)  # fmt: skip
+    for target in targets:
+        for c in levels:
+            parts = slices[(target.arm, c)]
+            merged = ([t for p in parts for t in p[0]], sum(p[1] for p in parts),
+                      sum(p[2] for p in parts))  # fmt: skip
+            out.append(summarise(target.arm, config, c, merged))
+            print(f"  {target.arm:8s} {config:10s} c={c:<3d} {out[-1].rps:7.2f} req/s  "
+                  f"p50 {out[-1].p50_ms:8.1f} ms  p95 {out[-1].p95_ms:8.1f} ms  "
+                  f"errors {out[-1].errors}", flush=True)  # fmt: skip
     return out
 
 
@@ -281,33 +310,33 @@ def measure_ours(
     arms: list[str],
     levels: list[int],
     jpeg: bytes,
-    warmup_s: float,
-    duration_s: float,
+    timing: tuple[float, float, int],
 ) -> list[Measurement]:
+    """Our handler direct and through the gateway; ``timing`` = (warm-up, duration, rounds)."""
     store = build_ours(tmp / f"ours-{config.label().replace(':', '_').replace('/', '_')}", config)
     server = TorchServeProcess(
         store, [f"{MODEL}.mar"], tmp / "ts-ours", free_port(), free_port(), free_port(),
         workers=config.workers, torch_threads=config.torch_threads,
     )  # fmt: skip
-    results: list[Measurement] = []
     b64 = as_png_b64(jpeg)
     body = json.dumps({"task": "predict", "image": b64, "top_k": 5}).encode()
-    with torchserve(server):
-        headers = {"Authorization": f"Bearer {server.inference_token()}"}
+    with ExitStack() as stack:
+        stack.enter_context(torchserve(server))
+        targets = []
         if "direct" in arms:
-            results += run_levels(
-                "direct", config.label(), f"{server.inference_url}/predictions/{MODEL}",
+            targets.append(Target(
+                "direct", f"{server.inference_url}/predictions/{MODEL}",
                 lambda: {"content": body, "headers": {"Content-Type": "application/json"}},
-                headers, levels, warmup_s, duration_s,
-            )  # fmt: skip
+                {"Authorization": f"Bearer {server.inference_token()}"},
+            ))  # fmt: skip
         if "gateway" in arms:
-            with gateway(server, tmp, max_inflight=max(64, 2 * max(levels))) as base:
-                results += run_levels(
-                    "gateway", config.label(), f"{base}/v1/models/{MODEL}/predict?top_k=5",
-                    lambda: {"files": {"image": ("x.jpg", jpeg, "image/jpeg")}},
-                    {"Authorization": f"Bearer {API_KEY}"}, levels, warmup_s, duration_s,
-                )  # fmt: skip
-    return results
+            base = stack.enter_context(gateway(server, tmp, max_inflight=max(64, 2 * max(levels))))
+            targets.append(Target(
+                "gateway", f"{base}/v1/models/{MODEL}/predict?top_k=5",
+                lambda: {"files": {"image": ("x.jpg", jpeg, "image/jpeg")}},
+                {"Authorization": f"Bearer {API_KEY}"},
+            ))  # fmt: skip
+        return run_levels(targets, config.label(), levels, *timing)
 
 
 def measure_stock(
@@ -318,12 +347,12 @@ def measure_stock(
         store, [f"{STOCK}.mar"], tmp / "ts-stock", free_port(), free_port(), free_port()
     )
     with torchserve(server):
-        headers = {"Authorization": f"Bearer {server.inference_token()}"}
-        return run_levels(
-            "stock", "defaults", f"{server.inference_url}/predictions/{STOCK}",
+        target = Target(
+            "stock", f"{server.inference_url}/predictions/{STOCK}",
             lambda: {"content": jpeg, "headers": {"Content-Type": "application/octet-stream"}},
-            headers, levels, warmup_s, duration_s,
+            {"Authorization": f"Bearer {server.inference_token()}"},
         )  # fmt: skip
+        return run_levels([target], "defaults", levels, warmup_s, duration_s)
 
 
 # --------------------------------------------------------------------------- report
@@ -376,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=ServeConfig.torch_threads)
     parser.add_argument("--batch-size", type=int, default=ServeConfig.batch_size)
     parser.add_argument("--max-batch-delay", type=int, default=ServeConfig.max_batch_delay_ms)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="gateway and direct take turns in this many slices per level")
     parser.add_argument("--sweep", help="our configs to compare, WxT:B/D comma-separated")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
@@ -395,9 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="beyond-bench-") as tmp:
         for config in configs:
             if {"gateway", "direct"} & set(arms):
-                results += measure_ours(
-                    Path(tmp), config, arms, levels, jpeg, args.warmup, args.duration
-                )
+                timing = (args.warmup, args.duration, args.rounds)
+                results += measure_ours(Path(tmp), config, arms, levels, jpeg, timing)
         if "stock" in arms:
             results += measure_stock(Path(tmp), levels, jpeg, args.warmup, args.duration)
     after = load_average()
