@@ -32,6 +32,7 @@ from handlers.explainers import Explanation, available_explainers, create_explai
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.models.classifier import PixelClassifier, preprocess
+from handlers.models.derived import inference_logits
 from handlers.png import png_bytes
 from handlers.spec import ModelSpec
 from handlers.validation import InvalidParameter, UnknownMethod
@@ -136,7 +137,8 @@ class TaskRunner:
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+        """Class probabilities through the fused inference copy (the predict hot path)."""
+        return torch.softmax(inference_logits(self.model, x), dim=1)
 
     def run(self, request: contract.BaseModel) -> contract.BaseModel:
         """Run any single (non-batched) task request."""
