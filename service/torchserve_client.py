@@ -3,13 +3,13 @@
 :class:`AsyncTorchServeClient` (gateway: one pooled ``aiohttp.ClientSession``) and
 :class:`SyncTorchServeClient` (RQ workers: ``httpx``) share the request building and reply
 mapping below. The gateway uses aiohttp because its client is on every request's path:
-posting a 262 KB body to a local server costs 0.18 ms of CPU with aiohttp 3.14 against
-1.1 ms with httpx 0.28 (docs/performance.md). Every TorchServe failure becomes an :class:`~service.errors.ApiError` with a status
-the gateway can answer as is: unreachable -> 503, read timeout -> 504, TorchServe's own
-503 (no worker / queue full) and a full connection pool -> 503 with ``Retry-After``, the
-handler's ``ErrorBody`` -> its 4xx with code and message, anything else -> 502. The
-inference token is read from TorchServe's key file (re-read when the file changes) and
-never logged or echoed.
+posting a 262 KB body to a local server costs 0.18 ms of CPU with aiohttp 3.14 against 1.1
+ms with httpx 0.28 (docs/performance.md). Every TorchServe failure becomes an
+:class:`~service.errors.ApiError` with a status the gateway can answer as is: unreachable ->
+503, read timeout -> 504, TorchServe's own 503 (no worker / queue full) and a full
+connection pool -> 503 with ``Retry-After``, the handler's ``ErrorBody`` -> its 4xx with
+code and message, anything else -> 502. The inference token is read from TorchServe's key
+file (re-read when the file changes) and never logged or echoed.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def _model_path(model: str) -> str:
     return f"/predictions/{model}"
 
 
+def _busy(retry_after_s: int, message: str) -> ApiError:
+    """503 ``model_server_busy`` with ``Retry-After``: the client should back off and retry."""
+    return ApiError(503, "model_server_busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
 def map_reply(status: int, content: bytes, result_model: type[R], retry_after_s: int) -> R:
     """Validate a TorchServe reply into ``result_model`` or raise the matching ApiError."""
     if status == 200:
@@ -84,12 +89,7 @@ def map_reply(status: int, content: bytes, result_model: type[R], retry_after_s:
                 502, "bad_model_reply", "the model server sent an invalid reply"
             ) from None
     if status == 503 or status == 429:
-        raise ApiError(
-            503,
-            "model_server_busy",
-            "the model server is busy or has no free worker; retry later",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        raise _busy(retry_after_s, "the model server is busy or has no free worker; retry later")
     if status in (401, 403):
         log.error("TorchServe refused the inference token (status %s)", status)
         raise ApiError(503, "model_server_unavailable", "the model server refused the gateway")
@@ -107,18 +107,9 @@ def map_reply(status: int, content: bytes, result_model: type[R], retry_after_s:
     if status == 413:
         raise ApiError(413, "payload_too_large", "the model server refused the request size")
     if status == 507:
-        raise ApiError(
-            503,
-            "model_server_busy",
-            "the model server is out of memory; retry later",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        raise _busy(retry_after_s, "the model server is out of memory; retry later")
     log.error("TorchServe answered %s", status)
     raise ApiError(502, "model_server_error", "the model server failed to answer the request")
-
-
-def _busy(retry_after_s: int, message: str) -> ApiError:
-    return ApiError(503, "model_server_busy", message, headers={"Retry-After": str(retry_after_s)})
 
 
 def _transport_error(exc: httpx.HTTPError, retry_after_s: int) -> ApiError:

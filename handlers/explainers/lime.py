@@ -166,8 +166,7 @@ class Lime(Explainer):
         masks = samples.to(image.device).bool()[:, segments]  # (n, H, W): pixel shown?
         scores = []
         for part in chunks(len(samples), self.params.batch_size):
-            with torch.no_grad():
-                batch = torch.where(masks[part].unsqueeze(1), image, fill)
+            batch = torch.where(masks[part].unsqueeze(1), image, fill)
             logits = inference_logits(model, batch)
             out = logits.softmax(dim=1) if self.params.output == "probability" else logits
             scores.append(out[:, target].double().cpu())
