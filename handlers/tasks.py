@@ -32,7 +32,7 @@ from handlers.explainers import Explanation, available_explainers, create_explai
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.models.classifier import PixelClassifier, preprocess
-from handlers.models.derived import inference_logits
+from handlers.models.derived import inference_embeddings, inference_logits
 from handlers.png import png_bytes
 from handlers.spec import ModelSpec
 from handlers.validation import InvalidParameter, UnknownMethod
@@ -188,9 +188,8 @@ class TaskRunner:
     def embed(self, request: contract.EmbedRequest) -> contract.EmbedResult:
         start = time.perf_counter()
         x = self.tensors(request.images)
-        with torch.no_grad():
-            embeddings = self.model.embed(x)
-            probs = torch.softmax(self.model.head(self.model.feature_map(x)), dim=1)
+        embeddings, logits = inference_embeddings(self.model, x)
+        probs = torch.softmax(logits, dim=1)
         return contract.EmbedResult(
             embeddings=encode_array(embeddings.cpu().numpy()),
             probabilities=encode_array(probs.cpu().numpy()),

@@ -18,6 +18,7 @@ from torch import nn
 from handlers.attacks import evaluation_mode, get_attack
 from handlers.attacks.base import check_images, device_of
 from handlers.criticism.methods import Selection, SelectionInputs, get_selection
+from handlers.models.derived import inference_embeddings
 
 
 def embeddings_and_probabilities(
@@ -32,8 +33,9 @@ def embeddings_and_probabilities(
     with evaluation_mode(model), torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
             x = check_images(images[start : start + batch_size]).to(device_of(model))
-            embeddings.append(model.embed(x).double().cpu())
-            probabilities.append(model(x).double().softmax(dim=1).cpu())
+            embedded, logits = inference_embeddings(model, x)
+            embeddings.append(embedded.double().cpu())
+            probabilities.append(logits.double().softmax(dim=1).cpu())
     return torch.cat(embeddings).numpy(), torch.cat(probabilities).numpy()
 
 

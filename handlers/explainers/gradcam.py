@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, autograd, nn
@@ -17,6 +16,7 @@ from handlers.explainers.base import (
     resolve_targets,
     select_logits,
 )
+from handlers.models.derived import inference_features
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
@@ -35,12 +35,13 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.feature_map, model.head
 
 
-def feature_map_gradients(model: nn.Module, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def feature_map_gradients(
+    model: nn.Module, images: Tensor, targets: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Last feature map ``A``, ``d logit_target / dA`` and the resolved targets."""
-    feature_map, head = split_model(model)
-    with torch.no_grad():  # the gradient only runs through the head: no graph for the rest
-        activations = feature_map(images)
-    activations.requires_grad_(True)
+    _, head = split_model(model)
+    # The gradient only runs through the head: the rest runs as the fused inference copy.
+    activations = inference_features(model, images).requires_grad_(True)
     logits = head(activations)
     targets = resolve_targets(logits, targets)
     (grad,) = autograd.grad(select_logits(logits, targets).sum(), activations)

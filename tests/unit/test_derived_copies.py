@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from handlers.models.derived import inference_logits
+from handlers.models.derived import inference_embeddings, inference_features, inference_logits
 from tests.unit.explainers.conftest import make_classifier, make_images
 
 
@@ -51,3 +51,21 @@ def test_plain_modules_run_as_they_are() -> None:
     with torch.no_grad():
         expected = net(images)
     torch.testing.assert_close(inference_logits(net, images), expected)
+
+
+def test_inference_features_match_and_can_lead_a_graph_through_the_head() -> None:
+    torch.set_num_threads(1)
+    model, images = make_classifier(), make_images(3)
+    inference_logits(model, images)  # the shared copy, first built in inference mode
+    with torch.no_grad():
+        expected = model.feature_map(images)
+    features = inference_features(model, images)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    assert not features.requires_grad
+    leaf = features.requires_grad_(True)
+    model.head(leaf)[:, 1].sum().backward()  # Grad-CAM's use: a graph through the head only
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    embeddings, logits = inference_embeddings(model, images)
+    with torch.no_grad():
+        torch.testing.assert_close(embeddings, model.embed(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
