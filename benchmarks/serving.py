@@ -4,7 +4,9 @@ Three arms in one run, each at several client concurrencies; ``gateway`` and ``d
 share one TorchServe and take turns (``--rounds`` slices per level), ``stock`` runs after:
 
 * ``gateway``: multipart 256x256 JPEG to the gateway (decode, validate, PNG, TorchServe);
-* ``direct``: our JSON contract with a base64 PNG straight to TorchServe and our handler;
+* ``direct``: straight to TorchServe and our handler, with the body the gateway would send
+  (a binary frame of the decoded pixels, ``handlers.frames``);
+* ``direct-json`` (not by default): the same as a JSON client sends it, base64 PNG inside;
 * ``stock``: the JPEG to TorchServe's stock ``image_classifier`` handler with TorchServe's
   defaults (no model config: one request per batch, the default worker count, torch's
   default threads).
@@ -41,7 +43,9 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.imaging import decode_image
+from handlers.contract import PredictRequest, RawImage
+from handlers.frames import MEDIA_TYPE, encode_request
+from service.imaging import decode_image, decode_rgb
 from service.stack import free_port, gateway_process
 from service.torchserve_process import TorchServeProcess
 
@@ -110,9 +114,17 @@ def sample_jpeg(size: int = 256) -> bytes:
     return out.getvalue()
 
 
-def as_png_b64(jpeg: bytes) -> str:
-    """What the gateway sends TorchServe for this JPEG: base64 of its canonical PNG."""
-    return base64.b64encode(decode_image(jpeg, 10**8, compress_level=0).png).decode()
+def frame_body(jpeg: bytes) -> bytes:
+    """What the gateway sends TorchServe for this JPEG: a frame with its decoded pixels."""
+    rgb = decode_rgb(jpeg, 10**8).rgb
+    raw = RawImage(width=rgb.width, height=rgb.height, pixels=rgb.tobytes())
+    return encode_request(PredictRequest(image=raw, top_k=5))[0]
+
+
+def json_body(jpeg: bytes) -> bytes:
+    """A JSON client's body for this JPEG: base64 of its canonical PNG inside the JSON."""
+    b64 = base64.b64encode(decode_image(jpeg, 10**8).png).decode()
+    return PredictRequest(image=b64, top_k=5).model_dump_json().encode()
 
 
 # --------------------------------------------------------------------------- archives
@@ -318,17 +330,20 @@ def measure_ours(
         store, [f"{MODEL}.mar"], tmp / "ts-ours", free_port(), free_port(), free_port(),
         workers=config.workers, torch_threads=config.torch_threads,
     )  # fmt: skip
-    b64 = as_png_b64(jpeg)
-    body = json.dumps({"task": "predict", "image": b64, "top_k": 5}).encode()
+    bodies = {
+        "direct": (frame_body(jpeg), MEDIA_TYPE),
+        "direct-json": (json_body(jpeg), "application/json"),
+    }
     with ExitStack() as stack:
         stack.enter_context(torchserve(server))
         targets = []
-        if "direct" in arms:
-            targets.append(Target(
-                "direct", f"{server.inference_url}/predictions/{MODEL}",
-                lambda: {"content": body, "headers": {"Content-Type": "application/json"}},
-                {"Authorization": f"Bearer {server.inference_token()}"},
-            ))  # fmt: skip
+        for arm, (body, content_type) in bodies.items():
+            if arm in arms:
+                targets.append(Target(
+                    arm, f"{server.inference_url}/predictions/{MODEL}",
+                    lambda b=body, t=content_type: {"content": b, "headers": {"Content-Type": t}},
+                    {"Authorization": f"Bearer {server.inference_token()}"},
+                ))  # fmt: skip
         if "gateway" in arms:
             base = stack.enter_context(gateway(server, tmp, max_inflight=max(64, 2 * max(levels))))
             targets.append(Target(
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="beyond-bench-") as tmp:
         for config in configs:
-            if {"gateway", "direct"} & set(arms):
+            if {"gateway", "direct", "direct-json"} & set(arms):
                 timing = (args.warmup, args.duration, args.rounds)
                 results += measure_ours(Path(tmp), config, arms, levels, jpeg, timing)
         if "stock" in arms:

@@ -6,8 +6,10 @@ One JSON body per TorchServe request: ``{"task": ..., ...}``. The handler parses
 workers import this module to build requests and validate replies; nothing here imports
 torch, so importing it costs only pydantic.
 
-Images travel as base64 of canonical RGB PNG bytes (the gateway has already validated and
-re-encoded them); arrays travel as :class:`EncodedArray` (base64 ``.npy``, float32).
+Images travel either as base64 of canonical RGB PNG bytes inside the JSON, or as
+:class:`RawImage` references to decoded RGB8 pixels that follow the JSON in one binary
+frame (:mod:`handlers.frames`; what the gateway sends, which has validated and decoded the
+upload already). Arrays travel as :class:`EncodedArray` (base64 ``.npy``, float32).
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ class EncodedArray(_Strict):
     data: str
     shape: list[int]
     dtype: str = "float32"
+
+
+class RawImage(_Strict):
+    """Decoded RGB8 pixels, row-major ``(height, width, 3)``: part ``part`` of a binary frame.
+
+    Only the frame decoder (:func:`handlers.frames.decode_frame`) attaches ``pixels``; it is
+    never serialised, so in plain JSON a raw image is a reference without data.
+    """
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    part: int = Field(0, ge=0)
+    pixels: bytes | None = Field(None, exclude=True, repr=False)
+
+
+ImageData = str | RawImage
+"""A request image: base64 of an RGB PNG file, or a :class:`RawImage` in a binary frame."""
 
 
 class ClassScore(_Strict):
@@ -64,13 +83,13 @@ class DescribeRequest(_Strict):
 
 class PredictRequest(_Strict):
     task: Literal["predict"] = "predict"
-    image: str = Field(description="base64 RGB PNG")
+    image: ImageData
     top_k: int = Field(5, ge=1)
 
 
 class ExplainRequest(_Strict):
     task: Literal["explain"] = "explain"
-    image: str
+    image: ImageData
     method: str
     target: int | None = Field(None, description="class to explain; default: the predicted class")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -85,7 +104,7 @@ class ExplainRequest(_Strict):
 
 class AttackRequest(_Strict):
     task: Literal["attack"] = "attack"
-    image: str
+    image: ImageData
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     explain_method: str | None = Field(
@@ -95,7 +114,7 @@ class AttackRequest(_Strict):
 
 class ApemRequest(_Strict):
     task: Literal["apem"] = "apem"
-    image: str
+    image: ImageData
     method: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     relevance: EncodedArray | None = None
@@ -107,14 +126,14 @@ class EmbedRequest(_Strict):
     """Penultimate-layer embeddings and class probabilities for a batch of images."""
 
     task: Literal["embed"] = "embed"
-    images: list[str] = Field(min_length=1)
+    images: list[ImageData] = Field(min_length=1)
 
 
 class RobustnessRequest(_Strict):
     """Steps to flip under an iterative attack, per image (adversarial model criticism)."""
 
     task: Literal["robustness"] = "robustness"
-    images: list[str] = Field(min_length=1)
+    images: list[ImageData] = Field(min_length=1)
     method: str = "ifgsm"
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -123,7 +142,7 @@ class FilterRequest(_Strict):
     """Explanation Filter (thesis 003, Algorithm 2) on one image's explanation."""
 
     task: Literal["filter"] = "filter"
-    image: str
+    image: ImageData
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     target: int | None = None

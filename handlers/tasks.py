@@ -85,7 +85,7 @@ def png_b64(data: bytes) -> str:
 
 
 def decode_image(data: str) -> Image.Image:
-    """Base64 PNG (as the gateway sends it) -> RGB PIL image, refusing anything else."""
+    """Base64 PNG (a JSON request's image) -> RGB PIL image, refusing anything else."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -99,6 +99,21 @@ def decode_image(data: str) -> Image.Image:
         raise
     except Exception:
         raise TaskError(422, "invalid_image", "image is not a decodable PNG") from None
+
+
+def raw_image(image: contract.RawImage) -> Image.Image:
+    """RGB8 pixels of a binary frame (``handlers.frames``) -> RGB PIL image, checked."""
+    if image.pixels is None:
+        raise TaskError(422, "invalid_image", "a raw image carries its pixels only in a binary frame")
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise TaskError(413, "image_too_large", f"image has more than {MAX_IMAGE_PIXELS} pixels")
+    if len(image.pixels) != image.width * image.height * 3:
+        raise TaskError(422, "invalid_image", "the raw image's size does not match width x height x 3")
+    return Image.frombuffer("RGB", (image.width, image.height), image.pixels, "raw", "RGB", 0, 1)
+
+
+def request_image(image: contract.ImageData) -> Image.Image:
+    return decode_image(image) if isinstance(image, str) else raw_image(image)
 
 
 class TaskRunner:
@@ -119,11 +134,11 @@ class TaskRunner:
         }
 
     # ------------------------------------------------------------------ plumbing
-    def tensor(self, image_b64: str) -> torch.Tensor:
+    def tensor(self, image: contract.ImageData) -> torch.Tensor:
         """One request image as a ``(1, 3, S, S)`` pixel tensor on the model's device."""
-        return preprocess(decode_image(image_b64), self.spec.preprocessing).unsqueeze(0).to(self.device)
+        return preprocess(request_image(image), self.spec.preprocessing).unsqueeze(0).to(self.device)
 
-    def tensors(self, images: Sequence[str]) -> torch.Tensor:
+    def tensors(self, images: Sequence[contract.ImageData]) -> torch.Tensor:
         if len(images) > MAX_BATCH_IMAGES:
             raise TaskError(422, "bad_parameter", f"at most {MAX_BATCH_IMAGES} images per request")
         return torch.cat([self.tensor(i) for i in images])

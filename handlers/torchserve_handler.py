@@ -3,8 +3,9 @@
 One handler serves every task of ``handlers.contract``. TorchServe batches requests
 across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): all
 ``predict`` requests of a batch go through the model in one forward pass; other tasks run
-one after another. Every reply is JSON; refused requests get their own 4xx status and an
-``ErrorBody`` without affecting the rest of the batch.
+one after another. Requests are JSON or binary frames (``handlers.frames``); every reply
+is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without affecting
+the rest of the batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from handlers import contract
+from handlers.frames import FrameError, decode_frame, is_frame
 from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskError, TaskRunner
 
@@ -63,9 +65,14 @@ def configure_threads(workers: int | None = None) -> None:
 
 
 def parse_request(item: dict[str, Any]) -> contract.BaseModel:
-    """One TorchServe request dict -> a validated contract request."""
+    """One TorchServe request dict -> a validated contract request (JSON or binary frame)."""
     body = item.get("body", item.get("data"))
-    if isinstance(body, bytes | bytearray):
+    if isinstance(body, bytes | bytearray) and is_frame(body):
+        try:
+            body = decode_frame(body)
+        except FrameError as error:
+            raise TaskError(400, "invalid_frame", str(error)) from None
+    elif isinstance(body, bytes | bytearray):
         try:
             body = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -12,10 +12,10 @@ from fastapi import UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from handlers.contract import DescribeResult, EncodedArray
+from handlers.contract import DescribeResult, EncodedArray, RawImage
 from service.errors import ApiError
 from service.gateway.schemas import AttackParams
-from service.imaging import decode_image
+from service.imaging import decode_rgb
 from service.settings import Settings
 
 
@@ -26,11 +26,15 @@ async def _read_capped(upload: UploadFile, limit: int, what: str) -> bytes:
     return data
 
 
-async def read_image(upload: UploadFile, settings: Settings) -> str:
-    """Validate the uploaded image and return it as base64 canonical RGB PNG."""
+def _raw_image(data: bytes, max_pixels: int) -> RawImage:
+    rgb = decode_rgb(data, max_pixels).rgb
+    return RawImage(width=rgb.width, height=rgb.height, pixels=rgb.tobytes())
+
+
+async def read_image(upload: UploadFile, settings: Settings) -> RawImage:
+    """Validate and decode the uploaded image: its RGB8 pixels, sent on in a binary frame."""
     data = await _read_capped(upload, settings.max_upload_bytes, "the image")
-    canonical = await run_in_threadpool(decode_image, data, settings.max_image_pixels, 0)
-    return base64.b64encode(canonical.png).decode("ascii")
+    return await run_in_threadpool(_raw_image, data, settings.max_image_pixels)
 
 
 def parse_params(text: str | None) -> dict[str, Any]:

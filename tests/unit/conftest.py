@@ -73,6 +73,7 @@ def settings(tmp_path: Path, redis_server: RedisServer, fake_ts_url: str) -> Set
 def client(settings: Settings) -> Iterator[TestClient]:
     fake_torchserve.State.mode = "ok"
     fake_torchserve.State.requests.clear()
+    fake_torchserve.State.images.clear()
     with TestClient(
         create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}
     ) as test_client:

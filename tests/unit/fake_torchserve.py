@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from handlers import contract as c
+from handlers.frames import FrameError, decode_frame, is_frame
 
 TOKEN = "fake-inference-token"
 LABELS = ["circle", "square", "triangle"]
@@ -42,8 +43,14 @@ class State:
 
     mode = "ok"
     requests: list[dict[str, Any]] = []
+    images: list[c.RawImage] = []  # the raw images received, pixels included
     release = threading.Event()
     waiting = 0
+
+
+def _raw_images(req: Any) -> list[c.RawImage]:
+    found = [getattr(req, "image", None), *getattr(req, "images", [])]
+    return [image for image in found if isinstance(image, c.RawImage)]
 
 
 def answer(req: Any, model: str) -> dict[str, Any]:
@@ -159,9 +166,11 @@ async def predictions(request: Request) -> JSONResponse:
         await asyncio.sleep(30)
     if model not in ("shapes-resnet", "shapes-vgg"):
         return JSONResponse({"code": 404, "type": "ModelNotFoundException", "message": "no"}, 404)
+    body = await request.body()
     try:
-        req = TASKS.validate_json(await request.body())
-    except ValidationError as exc:
+        req = TASKS.validate_python(decode_frame(body)) if is_frame(body) else TASKS.validate_json(body)
+        State.images.extend(_raw_images(req))
+    except (ValidationError, FrameError) as exc:
         return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)[:100]}}, 400)
     State.requests.append(req.model_dump())
     if State.mode == "held" and req.task != "describe":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
@@ -63,16 +62,17 @@ def test_models(client: TestClient) -> None:
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found")
 
 
-def test_predict_sends_canonical_png(client: TestClient) -> None:
+def test_predict_sends_decoded_rgb_pixels_in_a_frame(client: TestClient) -> None:
     reply = client.post(
-        "/v1/models/shapes-resnet/predict?top_k=2", files=files(png((5, 5), "RGBA"))
+        "/v1/models/shapes-resnet/predict?top_k=2", files=files(png((5, 4), "RGBA"))
     )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["model"] == "shapes-resnet" and len(body["predictions"]) == 2
-    sent = fake_torchserve.State.requests[-1]
-    img = Image.open(io.BytesIO(base64.b64decode(sent["image"])))
-    assert img.format == "PNG" and img.mode == "RGB"
+    assert fake_torchserve.State.requests[-1]["image"] == {"width": 5, "height": 4, "part": 0}
+    (sent,) = fake_torchserve.State.images
+    pixels = np.frombuffer(sent.pixels, dtype=np.uint8).reshape(4, 5, 3)
+    assert (pixels == 255).all()  # transparent black, composited on white
 
 
 def test_explain_attack_apem(client: TestClient) -> None:

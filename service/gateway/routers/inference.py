@@ -63,9 +63,9 @@ async def predict(
 ) -> PredictResponse:
     start = time.perf_counter()
     name = described.spec["name"]
-    b64 = await read_image(image, settings)
+    pixels = await read_image(image, settings)
     k = min(top_k, int(described.spec["num_classes"]))
-    result = await torchserve.call(name, PredictRequest(image=b64, top_k=k), PredictResult)
+    result = await torchserve.call(name, PredictRequest(image=pixels, top_k=k), PredictResult)
     return PredictResponse(
         model=result.model,
         version=result.version,
@@ -92,9 +92,9 @@ async def explain(
     check_method(method, described.explainers, "explanation")
     check_target(target, described, "target")
     parsed = parse_params(params)
-    b64 = await read_image(image, settings)
+    pixels = await read_image(image, settings)
     request = ExplainRequest(
-        image=b64,
+        image=pixels,
         method=method,
         target=target,
         params=parsed,
@@ -136,9 +136,9 @@ async def attack(
     check_task(described, "attack")
     attack_params = parse_attack_params(params)
     check_target(attack_params.target_class, described, "params.target_class")
-    b64 = await read_image(image, settings)
+    pixels = await read_image(image, settings)
     request = AttackRequest(
-        image=b64, method=method, params=attack_params.model_dump(exclude_none=True)
+        image=pixels, method=method, params=attack_params.model_dump(exclude_none=True)
     )
     result = await torchserve.call(described.spec["name"], request, AttackResult)
     return AttackResponse(
@@ -175,8 +175,10 @@ async def apem(
     else:
         check_method(method or "", described.explainers, "explanation")
     parsed = parse_params(params)
-    b64 = await read_image(image, settings)
-    request = ApemRequest(image=b64, method=method, params=parsed, relevance=encoded, target=target)
+    pixels = await read_image(image, settings)
+    request = ApemRequest(
+        image=pixels, method=method, params=parsed, relevance=encoded, target=target
+    )
     result = await torchserve.call(described.spec["name"], request, ApemResult)
     return ApemResponse(
         **result.model_dump(
