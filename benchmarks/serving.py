@@ -36,11 +36,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image, ImageDraw
 
 from handlers.contract import PredictRequest, RawImage
@@ -96,6 +97,7 @@ class Measurement:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per request by role
 
 
 # --------------------------------------------------------------------------- inputs
@@ -217,6 +219,43 @@ def gateway(server: TorchServeProcess, state: Path, max_inflight: int) -> Iterat
 RequestFactory = Callable[[], dict[str, object]]
 
 
+ROLES = {
+    "gateway": "uvicorn",
+    "ts-frontend": "org.pytorch.serve",
+    "ts-workers": "model_service_worker",
+}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process (the load generator: ``client``) and by its
+    descendants, grouped by role (what their command lines hold, :data:`ROLES`)."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    totals = dict.fromkeys([*ROLES, "client"], 0.0)
+    totals["client"] = times.user + times.system
+    for child in me.children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        for role, marker in ROLES.items():
+            if marker in command:
+                totals[role] += times.user + times.system
+    return totals
+
+
+@dataclass
+class Slice:
+    """One closed-loop run: what the window saw."""
+
+    latencies: list[float]
+    errors: int
+    window_s: float
+    completed: int = 0  # replies that arrived inside the window, whenever sent
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU used inside the window
+
+
 async def closed_loop(
     url: str,
     request: RequestFactory,
@@ -224,17 +263,23 @@ async def closed_loop(
     concurrency: int,
     warmup_s: float,
     duration_s: float,
-) -> tuple[list[float], int, float]:
-    """``concurrency`` clients back to back; latencies (s) and errors inside the window."""
+) -> Slice:
+    """``concurrency`` clients back to back; latencies (s), errors and CPU inside the window."""
     latencies: list[float] = []
-    errors = 0
+    errors = completed = 0
+    cpu: list[dict[str, float]] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
         start = time.perf_counter()
         window_start, window_end = start + warmup_s, start + warmup_s + duration_s
 
+        async def cpu_at_window_edges() -> None:
+            for edge in (window_start, window_end):
+                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
+                cpu.append(cpu_seconds())
+
         async def one_client() -> None:
-            nonlocal errors
+            nonlocal errors, completed
             while True:
                 sent = time.perf_counter()
                 if sent >= window_end:
@@ -245,23 +290,31 @@ async def closed_loop(
                 except httpx.HTTPError:
                     ok = False
                 done = time.perf_counter()
+                completed += window_start <= done <= window_end
                 if sent >= window_start and done <= window_end:
                     if ok:
                         latencies.append(done - sent)
                     else:
                         errors += 1
 
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    return latencies, errors, duration_s
+        await asyncio.gather(cpu_at_window_edges(), *(one_client() for _ in range(concurrency)))
+    used = {role: cpu[1][role] - cpu[0][role] for role in cpu[0]}
+    return Slice(latencies, errors, duration_s, completed, used)
 
 
-def summarise(arm: str, config: str, c: int, result: tuple[list[float], int, float]) -> Measurement:
-    latencies, errors, window = result
+def summarise(arm: str, config: str, c: int, parts: list[Slice]) -> Measurement:
+    latencies = [t for part in parts for t in part.latencies]
+    window = sum(part.window_s for part in parts)
+    completed = sum(part.completed for part in parts)
     ms = np.array(latencies or [float("nan")]) * 1000
+    cpu_ms = {
+        role: round(1000 * sum(part.cpu_s.get(role, 0.0) for part in parts) / completed, 2)
+        for role in (*ROLES, "client")
+    } if completed else {}  # fmt: skip
     return Measurement(
-        arm, config, c, len(latencies), errors, round(len(latencies) / window, 2),
-        round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1),
-        round(float(np.percentile(ms, 99)), 1),
+        arm, config, c, len(latencies), sum(part.errors for part in parts),
+        round(len(latencies) / window, 2), round(float(np.percentile(ms, 50)), 1),
+        round(float(np.percentile(ms, 95)), 1), round(float(np.percentile(ms, 99)), 1), cpu_ms,
     )  # fmt: skip
 
 
@@ -293,7 +346,7 @@ def run_levels(
     for target in targets:  # prime the server (first passes allocate and tune), not counted
         asyncio.run(closed_loop(target.url, target.request, target.headers,
                                 min(8, max(levels)), 0.0, max(warmup_s, 3.0)))  # fmt: skip
-    slices: dict[tuple[str, int], list[tuple[list[float], int, float]]] = {}
+    slices: dict[tuple[str, int], list[Slice]] = {}
     for _ in range(rounds):
         for c in levels:
             for target in targets:
@@ -305,10 +358,7 @@ def run_levels(
     out = []
     for target in targets:
         for c in levels:
-            parts = slices[(target.arm, c)]
-            merged = ([t for p in parts for t in p[0]], sum(p[1] for p in parts),
-                      sum(p[2] for p in parts))  # fmt: skip
-            out.append(summarise(target.arm, config, c, merged))
+            out.append(summarise(target.arm, config, c, slices[(target.arm, c)]))
             print(f"  {target.arm:8s} {config:10s} c={c:<3d} {out[-1].rps:7.2f} req/s  "
                   f"p50 {out[-1].p50_ms:8.1f} ms  p95 {out[-1].p95_ms:8.1f} ms  "
                   f"errors {out[-1].errors}", flush=True)  # fmt: skip
@@ -384,6 +434,24 @@ def table(results: list[Measurement]) -> str:
     return "\n".join(rows)
 
 
+def cpu_table(results: list[Measurement]) -> str:
+    """CPU milliseconds per completed request, per process role (``psutil``, window only).
+
+    On a saturated machine the throughput of an arm is the cores divided by the sum of these,
+    so they show what each part costs without the run-to-run drift of the rates.
+    """
+    roles = [*ROLES, "client"]
+    rows = [
+        "| arm | concurrency | " + " | ".join(roles) + " | all |",
+        "|---|---|" + "---|" * (len(roles) + 1),
+    ]
+    for m in results:
+        if m.cpu_ms:
+            cells = " | ".join(f"{m.cpu_ms[r]:.2f}" for r in roles)
+            rows.append(f"| {m.arm} | {m.concurrency} | {cells} | {sum(m.cpu_ms.values()):.2f} |")
+    return "\n".join(rows)
+
+
 def goals(results: list[Measurement]) -> list[tuple[str, bool, str]]:
     """The issue's goals, where the run has the arms and levels they need."""
     at = {(m.arm, m.concurrency): m for m in results}
@@ -448,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     after = load_average()
     print(f"\nload average before: {before}; after: {after}\n")
     print(table(results))
+    print("\nCPU ms per request\n")
+    print(cpu_table(results))
     checks = goals(results)
     for name, ok, value in checks:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {value}")
