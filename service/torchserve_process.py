@@ -8,8 +8,9 @@ The configuration closes TorchServe down to what the gateway needs:
   ``token_expiration_min`` (default 365 days: TorchServe 0.12 cannot be given a token, and an expired one is refused until a restart; clients re-read the file when it changes);
 * the model API (registering models after start-up) off, ``allowed_urls`` limited to the
   local model store;
-* request/response caps raised from TorchServe's 6.5 MB to ``max_message_mb`` (default 64)
-  so full-resolution explanations fit.
+* request/response caps raised from TorchServe's 6.5 MB to ``max_message_mb`` (default
+  :data:`MAX_MESSAGE_MB`) so that the gateway's largest image fits as raw pixels in a frame
+  and full-resolution explanations fit in a reply.
 
 Each instance gets its own state folder (its ``TMPDIR`` too, because TorchServe keeps its
 pid file in the temp folder), so several can run side by side (tests next to a dev stack).
@@ -34,6 +35,11 @@ import time
 from pathlib import Path
 
 import httpx
+
+MAX_MESSAGE_MB = 96
+"""TorchServe's request and response cap (MiB). The gateway sends every image as RGB8
+pixels in a frame, 3 bytes per pixel: its default limit of 25 MP is 75 MB (71.5 MiB) plus
+a small JSON header. Raise both together (``BEYOND_MAX_IMAGE_PIXELS``)."""
 
 
 class TorchServeError(RuntimeError):
@@ -68,7 +74,7 @@ class TorchServeProcess:
         metrics_port: int = 8082,
         workers: int = 1,
         job_queue_size: int = 100,
-        max_message_mb: int = 64,
+        max_message_mb: int = MAX_MESSAGE_MB,
         token_expiration_min: int = 525600,
         torch_threads: int | None = None,
     ) -> None:

@@ -40,11 +40,12 @@ from starlette.routing import Route
 
 from service.settings import Settings, get_settings
 from service.torchserve_client import TokenSource
+from service.torchserve_process import MAX_MESSAGE_MB
 
 log = logging.getLogger("beyond.torchserve_proxy")
 
 #: TorchServe's request cap in our configuration (``TorchServeProcess.max_message_mb``).
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = MAX_MESSAGE_MB * 1024 * 1024
 #: Response headers passed back from TorchServe (the rest are hop-by-hop or its own; the
 #: body is passed decoded, so its length and encoding headers do not apply).
 PASSED_HEADERS = ("content-type", "retry-after")

@@ -107,6 +107,17 @@ def test_bad_and_odd_images(api: httpx.Client, data: bytes, status: int) -> None
     assert reply.status_code == status, reply.text
 
 
+def test_the_largest_accepted_image_is_served(stack: Stack, api: httpx.Client) -> None:
+    """At the pixel limit (25 MP) the frame to TorchServe holds 75 MB of RGB8 pixels: it
+    must fit TorchServe's request cap, or a valid upload would end in a 413 from behind."""
+    side = int(stack.settings.max_image_pixels**0.5)
+    assert side * side <= stack.settings.max_image_pixels < (side + 1) ** 2
+    data = png((side, side), mode="RGB")
+    reply = api.post(f"/v1/models/{MODEL}/predict", files=image_files(data))
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["predictions"]) == 5
+
+
 def _raw_request(port: int, head: bytes, chunks, read_timeout: float = 10) -> bytes:  # type: ignore[no-untyped-def]
     """Send a request over a raw socket (chunks may be a generator) and return the reply head."""
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:

@@ -103,3 +103,15 @@ def test_raw_images_are_checked_before_use() -> None:
     with pytest.raises(TaskError) as error:
         raw_image(huge)
     assert error.value.status == 413
+
+
+def test_the_largest_accepted_image_fits_torchserve_s_request_cap() -> None:
+    from service.settings import Settings
+    from service.torchserve_process import MAX_MESSAGE_MB
+    from service.torchserve_proxy import MAX_BODY_BYTES
+
+    pixels = Settings.model_fields["max_image_pixels"].default
+    side = int(pixels**0.5)
+    image = c.RawImage(width=side, height=pixels // side, pixels=bytes(3 * side * (pixels // side)))
+    body, _ = encode_request(c.ExplainRequest(image=image, method="lime", params={"n": 1000}))
+    assert len(body) <= MAX_MESSAGE_MB * 1024 * 1024 == MAX_BODY_BYTES
