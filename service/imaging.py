@@ -98,6 +98,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header alone (no pixel decoded), or ``None`` when
+    the bytes are not an accepted image (:func:`decode_rgb` then says why)."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - any failure is decode_rgb's to report
+        return None
+
+
 def decode_rgb(data: bytes, max_pixels: int) -> DecodedImage:
     """Validate untrusted image bytes and decode them to RGB pixels (EXIF orientation applied).
 
@@ -128,8 +141,8 @@ def decode_rgb(data: bytes, max_pixels: int) -> DecodedImage:
             source_mode = img.mode
             img.seek(0)
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
-            rgb.load()
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when nothing to turn
+            rgb = _to_rgb(img)
     except ApiError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):

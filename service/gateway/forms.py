@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from handlers.contract import DescribeResult, EncodedArray, RawImage
 from service.errors import ApiError
 from service.gateway.schemas import AttackParams
-from service.imaging import decode_rgb
+from service.imaging import decode_rgb, header_pixels
 from service.settings import Settings
 
 
@@ -31,9 +31,18 @@ def _raw_image(data: bytes, max_pixels: int) -> RawImage:
     return RawImage(width=rgb.width, height=rgb.height, pixels=rgb.tobytes())
 
 
+INLINE_DECODE_PIXELS = 512 * 512
+"""Images up to this size are decoded on the event loop (about a millisecond at most): the
+hop to a worker thread and back costs more than decoding a 256x256 JPEG. Larger ones, and
+whatever the header cannot vouch for, are decoded in the thread pool."""
+
+
 async def read_image(upload: UploadFile, settings: Settings) -> RawImage:
     """Validate and decode the uploaded image: its RGB8 pixels, sent on in a binary frame."""
     data = await _read_capped(upload, settings.max_upload_bytes, "the image")
+    pixels = header_pixels(data)
+    if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
+        return _raw_image(data, settings.max_image_pixels)
     return await run_in_threadpool(_raw_image, data, settings.max_image_pixels)
 
 
