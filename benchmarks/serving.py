@@ -183,16 +183,27 @@ def torchserve(server: TorchServeProcess) -> Iterator[TorchServeProcess]:
         os.environ.update(saved)
 
 
+def torchserve_settings(server: TorchServeProcess) -> dict[str, str]:
+    """The gateway's settings that point it at ``server``."""
+    return {
+        "BEYOND_TORCHSERVE_URL": server.inference_url,
+        "BEYOND_TORCHSERVE_KEY_FILE": str(server.key_file),
+    }
+
+
 @contextmanager
-def gateway(server: TorchServeProcess, state: Path, max_inflight: int) -> Iterator[str]:
+def gateway(
+    torchserve: dict[str, str], state: Path, max_inflight: int, model: str = MODEL
+) -> Iterator[str]:
+    """The gateway on a free port, serving ``model`` from the TorchServe that the
+    ``BEYOND_TORCHSERVE_*`` settings in ``torchserve`` name; yields its base URL."""
     port = free_port()
     env = {
         **os.environ,
+        **torchserve,
         "BEYOND_API_KEYS": API_KEY,
-        "BEYOND_MODELS": MODEL,
+        "BEYOND_MODELS": model,
         "BEYOND_STATE_DIR": str(state),
-        "BEYOND_TORCHSERVE_URL": server.inference_url,
-        "BEYOND_TORCHSERVE_KEY_FILE": str(server.key_file),
         "BEYOND_TORCHSERVE_MAX_CONNECTIONS": str(max_inflight),
         "BEYOND_MAX_INFLIGHT_PREDICT": str(max_inflight),
         "BEYOND_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # predict never uses Redis
@@ -220,7 +231,7 @@ RequestFactory = Callable[[], dict[str, object]]
 
 
 ROLES = {
-    "gateway": "uvicorn",
+    "gateway": "service.gateway.app",
     "ts-frontend": "org.pytorch.serve",
     "ts-workers": "model_service_worker",
 }
@@ -395,7 +406,8 @@ def measure_ours(
                     {"Authorization": f"Bearer {server.inference_token()}"},
                 ))  # fmt: skip
         if "gateway" in arms:
-            base = stack.enter_context(gateway(server, tmp, max_inflight=max(64, 2 * max(levels))))
+            inflight = max(64, 2 * max(levels))
+            base = stack.enter_context(gateway(torchserve_settings(server), tmp, inflight))
             targets.append(Target(
                 "gateway", f"{base}/v1/models/{MODEL}/predict?top_k=5",
                 lambda: {"files": {"image": ("x.jpg", jpeg, "image/jpeg")}},
