@@ -10,6 +10,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from handlers.contract import PredictRequest, RawImage
+from handlers.frames import encode_request
 from service.torchserve_process import TorchServeProcess
 
 pytestmark = pytest.mark.integration
@@ -72,6 +74,32 @@ def test_archive_carries_spec_and_refuses_bad_requests(torchserve: TorchServePro
     # the worker survived both
     ok = httpx.post(url, json={"task": "describe"}, headers=headers, timeout=30)
     assert ok.status_code == 200
+
+
+def test_frames_give_the_json_answer_and_bad_frames_a_reason(
+    torchserve: TorchServeProcess, shapes_split
+) -> None:
+    split = shapes_split("spurious", "test")
+    headers = {"Authorization": f"Bearer {torchserve.inference_token()}"}
+    url = f"{torchserve.inference_url}/predictions/shapes-resnet"
+
+    def post(body: bytes, content_type: str) -> httpx.Response:
+        return httpx.post(url, content=body, headers={**headers, "Content-Type": content_type}, timeout=60)
+
+    for i in range(3):
+        pixels = split.images[i]
+        raw = RawImage(width=pixels.shape[1], height=pixels.shape[0], pixels=pixels.tobytes())
+        framed = post(*encode_request(PredictRequest(image=raw, top_k=6)))
+        as_json = post(*encode_request(PredictRequest(image=_png_b64(pixels), top_k=6)))
+        assert framed.status_code == as_json.status_code == 200, framed.text
+        assert framed.json()["predictions"] == as_json.json()["predictions"]
+    body, content_type = encode_request(PredictRequest(image=raw, top_k=1))
+    truncated = post(body[:-1], content_type)
+    assert truncated.status_code == 400 and truncated.json()["error"]["code"] == "invalid_frame"
+    short = RawImage(width=raw.width + 1, height=raw.height, pixels=raw.pixels)
+    wrong_size = post(*encode_request(PredictRequest(image=short, top_k=1)))
+    assert wrong_size.status_code == 422 and "width x height" in wrong_size.json()["error"]["message"]
+    assert post(*encode_request(PredictRequest(image=raw, top_k=1))).status_code == 200
 
 
 def test_torchserve_is_closed(torchserve: TorchServeProcess) -> None:
