@@ -31,7 +31,7 @@ from handlers.attacks.pictures import adversarial_png, perturbation_png
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
-from handlers.models.classifier import PixelClassifier, preprocess
+from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
 from handlers.png import png_bytes
 from handlers.spec import ModelSpec
@@ -136,7 +136,11 @@ class TaskRunner:
     # ------------------------------------------------------------------ plumbing
     def tensor(self, image: contract.ImageData) -> torch.Tensor:
         """One request image as a ``(1, 3, S, S)`` pixel tensor on the model's device."""
-        return preprocess(request_image(image), self.spec.preprocessing).unsqueeze(0).to(self.device)
+        try:
+            pixels = preprocess(request_image(image), self.spec.preprocessing)
+        except ImageShapeError as error:
+            raise TaskError(422, "invalid_image", str(error)) from None
+        return pixels.unsqueeze(0).to(self.device)
 
     def tensors(self, images: Sequence[contract.ImageData]) -> torch.Tensor:
         if len(images) > MAX_BATCH_IMAGES:

@@ -87,13 +87,33 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> tuple
     return build_classifier(spec, state_dict).to(device), spec
 
 
+MAX_RESIZED_PIXELS = 25_000_000
+"""Largest intermediate image :func:`preprocess` builds. An image within the gateway's pixel
+limit can still have an extreme aspect ratio: 5,000,000 x 5 pixels resized to a shorter side
+of 64 is 64,000,000 x 64 (12 GB), enough to take a worker down."""
+
+
+class ImageShapeError(ValueError):
+    """The image cannot be preprocessed for this model (its aspect ratio is too extreme)."""
+
+
 def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
-    """RGB PIL image -> ``(3, crop, crop)`` float tensor in [0, 1] (resize shorter side, centre crop)."""
+    """RGB PIL image -> ``(3, crop, crop)`` float tensor in [0, 1] (resize shorter side, centre crop).
+
+    Raises:
+        ImageShapeError: the resized image would exceed :data:`MAX_RESIZED_PIXELS`.
+    """
     image = image.convert("RGB")
     w, h = image.size
     scale = preprocessing.resize / min(w, h)
     if (w, h) != (preprocessing.resize, preprocessing.resize) or scale != 1:
         new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if new_size[0] * new_size[1] > MAX_RESIZED_PIXELS:
+            raise ImageShapeError(
+                f"a {w}x{h} image resized to a shorter side of {preprocessing.resize} would be "
+                f"{new_size[0]}x{new_size[1]} pixels, over {MAX_RESIZED_PIXELS}: "
+                "crop it to a less extreme aspect ratio"
+            )
         if new_size != (w, h):
             image = image.resize(new_size, Image.Resampling.BILINEAR)
     w, h = image.size

@@ -100,6 +100,7 @@ def _gif() -> bytes:
         (_gif(), 200),
         (png((1, 1)), 200),
         (png((6000, 6000)), 413),
+        (png((4, 1_000_000)), 422),  # within the pixel limit, but 64 x 16,000,000 once resized
     ],
 )
 def test_bad_and_odd_images(api: httpx.Client, data: bytes, status: int) -> None:
