@@ -54,10 +54,18 @@ class StochasticParams(ExplainerParams):
     seed: int = Field(0, ge=0, description="seed of the method's own random generator")
 
 
+MAX_BATCH_SIZE = 4096
+"""Upper bounds on the work one request may ask for: a TorchServe worker serves one request
+at a time, so a request that runs for hours (or allocates what the host does not have)
+takes its worker away from everyone. Generous against the papers' values."""
+MAX_SAMPLES = 10_000  # SmoothGrad copies, IG steps (papers: 50-100)
+MAX_LIME_SAMPLES = 20_000  # LIME builds all its masks at once (paper 000: 1000)
+
+
 class BatchedParams(ExplainerParams):
     """Parameters of a method that runs many model passes: images per pass."""
 
-    batch_size: int = Field(64, ge=1, description="images per model pass")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="images per model pass")
 
 
 # --------------------------------------------------------------------------- results
@@ -174,7 +182,9 @@ class Explainer(ABC):
             result = self.attribute(model, images, targets)
         relevance = result.relevance.detach().to(torch.float32)
         if relevance.shape != images.shape:
-            raise RuntimeError(f"{self.name} returned {tuple(relevance.shape)} for {tuple(images.shape)}")
+            raise RuntimeError(
+                f"{self.name} returned {tuple(relevance.shape)} for {tuple(images.shape)}"
+            )
         return Explanation(
             method=self.name,
             relevance=relevance,

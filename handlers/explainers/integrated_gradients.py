@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import Tensor, autograd, nn
 
 from handlers.explainers.base import (
+    MAX_SAMPLES,
     Attribution,
     BatchedParams,
     Explainer,
@@ -25,7 +26,9 @@ Quadrature = Literal["gausslegendre", "riemann_middle", "riemann_trapezoid"]
 class IntegratedGradientsParams(BatchedParams):
     """Integrated Gradients parameters (Sundararajan et al. 2017, eq. 1 and its Riemann sum)."""
 
-    steps: int = Field(50, ge=1, description="points on the straight path (quadrature nodes)")
+    steps: int = Field(
+        50, ge=1, le=MAX_SAMPLES, description="points on the straight path (quadrature nodes)"
+    )
     baseline: float = Field(
         0.0, ge=0.0, le=1.0, description="constant pixel value of the baseline image (0 = black)"
     )

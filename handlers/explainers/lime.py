@@ -12,6 +12,8 @@ from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
 from handlers.explainers.base import (
+    MAX_BATCH_SIZE,
+    MAX_LIME_SAMPLES,
     Attribution,
     BatchedParams,
     Explainer,
@@ -26,19 +28,30 @@ from handlers.models.derived import inference_logits
 class LimeParams(StochasticParams, BatchedParams):
     """LIME parameters (paper 000, section 2.3: n = 1000, σ = 0.25, K kept constant)."""
 
-    n: int = Field(1000, ge=1, description="perturbed samples (the first is the unperturbed image)")
+    n: int = Field(
+        1000,
+        ge=1,
+        le=MAX_LIME_SAMPLES,
+        description="perturbed samples (the first is the unperturbed image)",
+    )
     kernel_width: float = Field(0.25, gt=0.0, description="σ of the exponential kernel, eq. 5")
     num_features: int = Field(8, ge=1, description="K: superpixels the surrogate may use, eq. 7")
-    n_segments: int = Field(50, ge=2, description="SLIC: approximate number of superpixels")
+    n_segments: int = Field(
+        50, ge=2, le=10_000, description="SLIC: approximate number of superpixels"
+    )
     compactness: float = Field(10.0, gt=0.0, description="SLIC: colour vs. space trade-off")
     slic_sigma: float = Field(1.0, ge=0.0, description="SLIC: Gaussian pre-smoothing width")
     hide_color: Literal["mean"] | float = Field(
         0.5, description="fill of hidden superpixels: a grey level in [0, 1], or 'mean' colour"
     )
     surrogate: Literal["ridge", "lasso"] = "ridge"
-    alpha: float | None = Field(None, ge=0.0, description="surrogate regularisation (1 ridge, 0.01 lasso)")
+    alpha: float | None = Field(
+        None, ge=0.0, description="surrogate regularisation (1 ridge, 0.01 lasso)"
+    )
     output: Literal["probability", "logit"] = "probability"
-    batch_size: int = Field(128, ge=1, description="perturbed images per model pass")
+    batch_size: int = Field(
+        128, ge=1, le=MAX_BATCH_SIZE, description="perturbed images per model pass"
+    )
 
     @model_validator(mode="after")
     def _resolve(self) -> LimeParams:
@@ -84,7 +97,9 @@ def kernel_weights(samples: np.ndarray, width: float) -> np.ndarray:
     return np.exp(-(distance**2) / width**2)
 
 
-def select_features(samples: np.ndarray, scores: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+def select_features(
+    samples: np.ndarray, scores: np.ndarray, weights: np.ndarray, k: int
+) -> np.ndarray:
     """The K superpixels chosen by the weighted Lasso path (paper 000, section 2.3, eq. 7)."""
     if k >= samples.shape[1]:
         return np.arange(samples.shape[1])

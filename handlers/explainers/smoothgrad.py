@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from handlers.explainers.base import (
+    MAX_SAMPLES,
     Attribution,
     BatchedParams,
     Explainer,
@@ -24,7 +25,7 @@ from handlers.explainers.base import (
 class SmoothGradParams(StochasticParams, BatchedParams):
     """SmoothGrad parameters (thesis 003, section 4.2.1; the thesis uses n=100, sigma=0.2)."""
 
-    n: int = Field(100, ge=1, description="number of noisy copies per image")
+    n: int = Field(100, ge=1, le=MAX_SAMPLES, description="number of noisy copies per image")
     sigma: float = Field(
         0.2, ge=0.0, description="noise standard deviation as a fraction of the image's value range"
     )

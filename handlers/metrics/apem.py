@@ -63,16 +63,19 @@ class ApemParams(StrictParams):
         normalise: also compute ``APEM_norm`` from shuffled maps (section 5.2).
         shuffles: shuffled maps per image for ``APEM_norm`` (thesis: 10).
         seed: seed of the shuffles.
+
+    The upper bounds keep one request from holding a TorchServe worker for hours or asking
+    for more memory than the host has (the thesis: about 2000 integer steps, 10 shuffles).
     """
 
     step: float = Field(1.0, gt=0)
-    max_steps: int = Field(2000, ge=1, le=1_000_000)
+    max_steps: int = Field(2000, ge=1, le=100_000)
     search: Literal["exact", "sequential", "approximate"] = "exact"
-    batch_size: int = Field(128, ge=1, le=65536)
+    batch_size: int = Field(128, ge=1, le=4096)
     first_chunk: int = Field(16, ge=1, le=65536)
     clip: bool = False
     normalise: bool = False
-    shuffles: int = Field(10, ge=1, le=1000)
+    shuffles: int = Field(10, ge=1, le=100)
     seed: int = Field(0, ge=0)
 
     @property

@@ -167,7 +167,15 @@ def test_outputs_for_the_contract_and_spearman() -> None:
 
 @pytest.mark.parametrize(
     ("params", "param"),
-    [({"step": 0}, "step"), ({"max_steps": 0}, "max_steps"), ({"search": "fast"}, "search"), ({"shuffle": 3}, "shuffle")],
+    [
+        ({"step": 0}, "step"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"search": "fast"}, "search"),
+        ({"shuffle": 3}, "shuffle"),
+        ({"max_steps": 100_001}, "max_steps"),  # work bounds
+        ({"shuffles": 101}, "shuffles"),
+        ({"batch_size": 4097}, "batch_size"),
+    ],
 )
 def test_bad_parameters(params: dict, param: str) -> None:
     with pytest.raises(InvalidParameter) as info:

@@ -128,6 +128,12 @@ BAD_PARAMS = [
     ("lime", {"num_features": 0}, "num_features"),
     ("lime", {"hide_color": 1.5}, "params"),
     ("lime", {"surrogate": "tree"}, "surrogate"),
+    ("lime", {"n": 20_001}, "n"),  # work bounds: one request must not hold a worker for hours
+    ("lime", {"batch_size": 4097}, "batch_size"),
+    ("lime", {"n_segments": 10_001}, "n_segments"),
+    ("smoothgrad", {"n": 10_001}, "n"),
+    ("integrated_gradients", {"steps": 10_001}, "steps"),
+    ("integrated_gradients", {"batch_size": 4097}, "batch_size"),
     ("gradcam", {"interpolation": "area"}, "interpolation"),
     ("nam", {"feature": -1}, "feature"),
 ]
