@@ -47,6 +47,11 @@ __all__ = [
 class ExplainerParams(StrictParams):
     """Base of every method's parameters: unknown names are refused, values are frozen."""
 
+    @property
+    def passes_per_image(self) -> int:
+        """Model passes (forward + backward) the method runs per explained image."""
+        return 1
+
 
 class StochasticParams(ExplainerParams):
     """Parameters of a stochastic method: a seed for its local ``torch.Generator``."""
@@ -60,6 +65,7 @@ at a time, so a request that runs for hours (or allocates what the host does not
 takes its worker away from everyone. Generous against the papers' values."""
 MAX_SAMPLES = 10_000  # SmoothGrad copies, IG steps (papers: 50-100)
 MAX_LIME_SAMPLES = 20_000  # LIME builds all its masks at once (paper 000: 1000)
+MAX_PASSES = 100_000  # SmoothGrad over another method: n x that method's passes per image
 
 
 class BatchedParams(ExplainerParams):

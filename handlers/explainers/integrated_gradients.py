@@ -34,6 +34,10 @@ class IntegratedGradientsParams(BatchedParams):
     )
     method: Quadrature = Field("gausslegendre", description="quadrature rule along the path")
 
+    @property
+    def passes_per_image(self) -> int:
+        return self.steps
+
 
 @functools.lru_cache(maxsize=64)
 def quadrature(steps: int, method: Quadrature) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from handlers.explainers.base import (
+    MAX_PASSES,
     MAX_SAMPLES,
     Attribution,
     BatchedParams,
@@ -52,6 +53,11 @@ class SmoothGradParams(StochasticParams, BatchedParams):
             resolved = parse_params(get_explainer(info.data["base"]).Params, raw)
         except InvalidParameter as err:
             raise ValueError(str(err)) from None
+        passes = info.data.get("n", 1) * resolved.passes_per_image
+        if passes > MAX_PASSES:
+            raise ValueError(
+                f"n x the base's passes per image is {passes}, over {MAX_PASSES} per image"
+            )
         return resolved.model_dump(mode="json")
 
 

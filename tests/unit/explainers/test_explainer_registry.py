@@ -132,6 +132,7 @@ BAD_PARAMS = [
     ("lime", {"batch_size": 4097}, "batch_size"),
     ("lime", {"n_segments": 10_001}, "n_segments"),
     ("smoothgrad", {"n": 10_001}, "n"),
+    ("smoothgrad", {"n": 101, "base": "integrated_gradients", "base_params": {"steps": 1000}}, "base_params"),
     ("integrated_gradients", {"steps": 10_001}, "steps"),
     ("integrated_gradients", {"batch_size": 4097}, "batch_size"),
     ("gradcam", {"interpolation": "area"}, "interpolation"),
