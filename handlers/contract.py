@@ -38,14 +38,15 @@ class EncodedArray(_Strict):
 class RawImage(_Strict):
     """Decoded RGB8 pixels, row-major ``(height, width, 3)``: part ``part`` of a binary frame.
 
-    Only the frame decoder (:func:`handlers.frames.decode_frame`) attaches ``pixels``; it is
-    never serialised, so in plain JSON a raw image is a reference without data.
+    Only the frame decoder (:func:`handlers.frames.decode_frame`) attaches ``pixels`` (as
+    bytes; a JSON string is refused); it is never serialised, so in plain JSON a raw image
+    is a reference without data.
     """
 
     width: int = Field(ge=1)
     height: int = Field(ge=1)
     part: int = Field(0, ge=0)
-    pixels: bytes | None = Field(None, exclude=True, repr=False)
+    pixels: bytes | None = Field(None, exclude=True, repr=False, strict=True)
 
 
 ImageData = str | RawImage

@@ -99,6 +99,10 @@ def test_raw_images_are_checked_before_use() -> None:
     with pytest.raises(TaskError) as error:
         raw_image(parse_request({"body": json_body}).image)  # type: ignore[attr-defined]
     assert error.value.status == 422 and "binary frame" in error.value.message
+    inline = b'{"task": "predict", "image": {"width": 1, "height": 1, "part": 0, "pixels": "abc"}}'
+    with pytest.raises(TaskError) as error:
+        parse_request({"body": inline})  # pixels only ever come from a frame
+    assert (error.value.status, error.value.code) == (422, "bad_request")
     huge = c.RawImage(width=100_000, height=100_000, pixels=b"")
     with pytest.raises(TaskError) as error:
         raw_image(huge)
