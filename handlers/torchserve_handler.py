@@ -75,7 +75,7 @@ def parse_request(item: dict[str, Any]) -> contract.BaseModel:
     elif isinstance(body, bytes | bytearray):
         try:
             body = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise TaskError(400, "invalid_json", "request body is not JSON") from None
     if not isinstance(body, dict):
         raise TaskError(400, "invalid_json", "request body must be a JSON object")
@@ -110,6 +110,9 @@ class BeyondHandler:
                 parsed.append(parse_request(item))
             except TaskError as error:
                 parsed.append(error)
+            except Exception:  # one unparsable request must not fail the rest of the batch
+                log.exception("request could not be parsed")
+                parsed.append(TaskError(400, "invalid_request", "the request could not be parsed"))
         replies: list[contract.BaseModel | TaskError | None] = [None] * len(data)
         predict_at = [i for i, p in enumerate(parsed) if isinstance(p, contract.PredictRequest)]
         if predict_at:

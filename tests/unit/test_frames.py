@@ -119,3 +119,13 @@ def test_the_largest_accepted_image_fits_torchserve_s_request_cap() -> None:
     image = c.RawImage(width=side, height=pixels // side, pixels=bytes(3 * side * (pixels // side)))
     body, _ = encode_request(c.ExplainRequest(image=image, method="lime", params={"n": 1000}))
     assert len(body) <= MAX_MESSAGE_MB * 1024 * 1024 == MAX_BODY_BYTES
+
+
+def test_deeply_nested_headers_are_refused_not_raised() -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(TaskError) as error:
+        parse_request({"body": _frame(nested, [])})
+    assert error.value.code == "invalid_frame"
+    with pytest.raises(TaskError) as error:
+        parse_request({"body": nested})
+    assert error.value.code == "invalid_json"
