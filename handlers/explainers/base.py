@@ -71,7 +71,12 @@ MAX_PASSES = 100_000  # SmoothGrad over another method: n x that method's passes
 class BatchedParams(ExplainerParams):
     """Parameters of a method that runs many model passes: images per pass."""
 
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="images per model pass")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="images per model pass (capped by pixels: handlers.budget)",
+    )
 
 
 # --------------------------------------------------------------------------- results

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, autograd, nn
 
+from handlers.budget import images_per_pass
 from handlers.explainers.base import (
     MAX_SAMPLES,
     Attribution,
@@ -81,7 +82,7 @@ class IntegratedGradients(Explainer):
         baseline = torch.full_like(images, p.baseline)
         alphas, weights = (t.to(images) for t in quadrature(p.steps, p.method))
         delta = images - baseline
-        per_pass = max(1, p.batch_size // batch)
+        per_pass = max(1, images_per_pass(p.batch_size, images.shape) // batch)
         total = torch.zeros_like(images)
         ends = torch.cat([images, baseline])
         for start in range(0, p.steps, per_pass):

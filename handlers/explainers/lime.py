@@ -11,6 +11,7 @@ from skimage.segmentation import slic
 from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
+from handlers.budget import images_per_pass
 from handlers.explainers.base import (
     MAX_BATCH_SIZE,
     MAX_LIME_SAMPLES,
@@ -50,7 +51,7 @@ class LimeParams(StochasticParams, BatchedParams):
     )
     output: Literal["probability", "logit"] = "probability"
     batch_size: int = Field(
-        128, ge=1, le=MAX_BATCH_SIZE, description="perturbed images per model pass"
+        128, ge=1, le=MAX_BATCH_SIZE, description="perturbed images per pass (capped by pixels)"
     )
 
     @model_validator(mode="after")
@@ -180,7 +181,7 @@ class Lime(Explainer):
         fill = hidden_image(image, segments, samples.shape[1], self.params.hide_color)
         masks = samples.to(image.device).bool()[:, segments]  # (n, H, W): pixel shown?
         scores = []
-        for part in chunks(len(samples), self.params.batch_size):
+        for part in chunks(len(samples), images_per_pass(self.params.batch_size, image.shape)):
             batch = torch.where(masks[part].unsqueeze(1), image, fill)
             logits = inference_logits(model, batch)
             out = logits.softmax(dim=1) if self.params.output == "probability" else logits

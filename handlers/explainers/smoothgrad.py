@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
+from handlers.budget import images_per_pass
 from handlers.explainers.base import (
     MAX_PASSES,
     MAX_SAMPLES,
@@ -121,7 +122,7 @@ class SmoothGrad(Explainer):
         std = p.sigma * (flat.amax(dim=1) - flat.amin(dim=1))
         std = std.view(-1, *([1] * (images.dim() - 1)))
         noise = NoiseBlocks(images, p.n, p.seed)
-        copies_per_pass = max(1, p.batch_size // batch)
+        copies_per_pass = max(1, images_per_pass(p.batch_size, images.shape) // batch)
         total = torch.zeros_like(images)
         for start in range(0, p.n, copies_per_pass):
             m = min(copies_per_pass, p.n - start)

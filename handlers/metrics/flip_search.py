@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from handlers.budget import images_per_pass
 from handlers.models.derived import inference_logits
 
 NOT_FOUND = 0
@@ -76,7 +77,8 @@ class FlipProblem:
         image_index: ``(U,)`` image of each unit.
         reference: ``(U,)`` class whose change counts as a flip (the clean prediction).
         clip: clip perturbed images to [0, 1] (the thesis does not).
-        batch_size: most perturbed images per forward pass.
+        batch_size: most perturbed images per forward pass (capped by pixels,
+            :func:`handlers.budget.images_per_pass`).
     """
 
     def __init__(
@@ -95,7 +97,7 @@ class FlipProblem:
         self.image_index = image_index
         self.reference = reference
         self.clip = clip
-        self.batch_size = max(batch_size, directions.shape[1])
+        self.batch_size = max(images_per_pass(batch_size, images.shape), directions.shape[1])
         self.stats = SearchStats()
 
     @property
