@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
+from handlers.budget import images_per_pass
 from handlers.metrics.apem import (
     ApemParams,
     apem,
@@ -163,7 +164,8 @@ def explanation_filter(
         values = torch.unique(current[current > 0])  # ascending: candidate t zeroes values[:t]
         scorer = _CandidateScorer(model, x, target, ap)
         best_apem = float(scorer.score(current.unsqueeze(0))[0])
-        before, start, size, scored = best_apem, 0, fp.candidates_per_batch, 1
+        most = images_per_pass(fp.max_candidates_per_batch, x.shape)  # three maps' worth each
+        before, start, size, scored = best_apem, 0, min(fp.candidates_per_batch, most), 1
         while start < values.numel():
             thresholds = values[start : start + size]
             maps = torch.where(current.unsqueeze(0) <= thresholds.view(-1, 1, 1, 1), 0.0, current)
@@ -178,7 +180,7 @@ def explanation_filter(
             if drops.size:
                 result = current.reshape(relevance.shape)
                 return _outcome(original, result, before, best_apem, start, scored, "apem_dropped", scorer, ap)
-            size = min(2 * size, fp.max_candidates_per_batch)
+            size = min(2 * size, most)
     result = current.reshape(relevance.shape)
     return _outcome(original, result, before, best_apem, start, scored, "map_exhausted", scorer, ap)
 

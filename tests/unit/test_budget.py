@@ -66,3 +66,28 @@ def test_apem_search_passes_are_capped_too(monkeypatch: pytest.MonkeyPatch) -> N
     assert _largest_pass(model, lambda: apem(model, images, maps, params=params)) <= 7
     capped = apem(model, images, maps, params=params)
     assert (capped.eps_minus, capped.eps_plus) == (uncapped.eps_minus, uncapped.eps_plus)
+
+
+def test_filter_candidate_batches_are_capped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handlers.metrics import explanation_filter as ef
+
+    torch.set_num_threads(1)
+    model, images = make_classifier(), make_images(1)
+    relevance = torch.rand(16, 16, generator=torch.Generator().manual_seed(1))
+    apem_params = {"step": 0.5, "max_steps": 40}
+    params = {"levels": 64, "candidates_per_batch": 4096, "max_candidates_per_batch": 4096}
+    sizes: list[int] = []
+    score = ef._CandidateScorer.score
+    monkeypatch.setattr(
+        ef._CandidateScorer,
+        "score",
+        lambda self, maps: sizes.append(len(maps)) or score(self, maps),
+    )
+    uncapped = ef.explanation_filter(model, images[0], relevance, None, apem_params, params)
+    assert max(sizes) > 3
+    sizes.clear()
+    monkeypatch.setattr(budget, "MAX_PIXELS_PER_PASS", 3 * 16 * 16)
+    capped = ef.explanation_filter(model, images[0], relevance, None, apem_params, params)
+    assert max(sizes) <= 3
+    assert torch.equal(capped.filtered, uncapped.filtered)
+    assert capped.apem_after == uncapped.apem_after
