@@ -16,33 +16,30 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from benchmarks.serving import API_KEY, Target, gateway, run_levels, sample_jpeg
-from service.stack import ManagedProcess, free_port
+from service.stack import ManagedProcess, free_port, wait_ready
 from tests.unit import fake_torchserve
 
 MODEL = "shapes-resnet"  # a name the fake serves
 
 
-def start_fake(state: Path) -> tuple[ManagedProcess, str]:
+@contextmanager
+def fake_model_server(state: Path) -> Iterator[str]:
+    """The unit tests' fake TorchServe on a free port; yields its URL."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "tests.unit.fake_torchserve:app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     process = ManagedProcess("fake-torchserve", command, state / "fake.log").start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.stop()
-    raise RuntimeError(f"the fake TorchServe did not start; see {state / 'fake.log'}")
+    try:
+        wait_ready(url, 30, check=process, path="/ping")
+        yield url
+    finally:
+        process.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     jpeg = sample_jpeg()
     with tempfile.TemporaryDirectory(prefix="beyond-gateway-cpu-") as tmp:
-        fake, url = start_fake(Path(tmp))
-        settings = {"BEYOND_TORCHSERVE_URL": url, "BEYOND_TORCHSERVE_TOKEN": fake_torchserve.TOKEN}
-        try:
+        with fake_model_server(Path(tmp)) as url:
+            settings = {"BEYOND_TORCHSERVE_URL": url, "BEYOND_TORCHSERVE_TOKEN": fake_torchserve.TOKEN}
             with gateway(settings, Path(tmp), max_inflight=64, model=MODEL) as base:
                 target = Target(
                     "gateway", f"{base}/v1/models/{MODEL}/predict?top_k=5",
@@ -65,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
                     {"Authorization": f"Bearer {API_KEY}"},
                 )  # fmt: skip
                 results = run_levels([target], "fake", levels, args.warmup, args.duration, args.rounds)
-        finally:
-            fake.stop()
     print("\n| clients | req/s | p50 ms | gateway CPU ms per request | load generator CPU ms |")
     print("|---|---|---|---|---|")
     for m in results:

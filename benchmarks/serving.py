@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from handlers.contract import PredictRequest, RawImage
 from handlers.frames import MEDIA_TYPE, encode_request
 from service.imaging import decode_image, decode_rgb
-from service.stack import free_port, gateway_process
+from service.stack import free_port, gateway_process, wait_ready
 from service.torchserve_process import TorchServeProcess
 
 MODEL = "rn18-random"
@@ -211,16 +211,7 @@ def gateway(
     process = gateway_process(env, "127.0.0.1", port, state / "gateway.log").start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not process.running():
-                raise RuntimeError(f"the gateway did not start; see {state / 'gateway.log'}")
-            time.sleep(0.2)
+        wait_ready(base, 60, check=process, path="/healthz")  # /readyz would want Redis
         yield base
     finally:
         process.stop()

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MAX_PIXELS_PER_PASS = 256 * 224 * 224
+MAX_BATCH_SIZE = 4096
+"""The largest ``batch_size`` (or maps per batch) a request may name, before the pixel cap."""
 
 
 def images_per_pass(batch_size: int, image_shape: Sequence[int]) -> int:

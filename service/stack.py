@@ -256,21 +256,24 @@ def gateway_process(env: dict[str, str], host: str, port: int, log_file: Path) -
     return ManagedProcess("gateway", command, log_file, env=env)
 
 
-def wait_ready(base_url: str, timeout: float, check: ManagedProcess | None = None) -> None:
+def wait_ready(
+    base_url: str, timeout: float, check: ManagedProcess | None = None, path: str = "/readyz"
+) -> None:
+    """Poll ``base_url + path`` until it answers 200; fail early when ``check`` exits."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if check is not None and not check.running():
             raise RuntimeError(f"{check.name} exited; see {check.log_file}")
         try:
-            reply = httpx.get(f"{base_url}/readyz", timeout=5)
+            reply = httpx.get(f"{base_url}{path}", timeout=5)
             if reply.status_code == 200:
                 return
             last = reply.text
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(0.5)
-    raise RuntimeError(f"/readyz not green after {timeout:.0f} s: {last}")
+    raise RuntimeError(f"{path} not green after {timeout:.0f} s: {last}")
 
 
 def _child_running(proc: object) -> bool:

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from handlers.budget import MAX_BATCH_SIZE
 from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
@@ -59,10 +60,9 @@ class StochasticParams(ExplainerParams):
     seed: int = Field(0, ge=0, description="seed of the method's own random generator")
 
 
-MAX_BATCH_SIZE = 4096
-"""Upper bounds on the work one request may ask for: a TorchServe worker serves one request
-at a time, so a request that runs for hours (or allocates what the host does not have)
-takes its worker away from everyone. Generous against the papers' values."""
+# Upper bounds on the work one request may ask for: a TorchServe worker serves one request
+# at a time, so a request that runs for hours (or allocates what the host does not have)
+# takes its worker away from everyone. Generous against the papers' values.
 MAX_SAMPLES = 10_000  # SmoothGrad copies, IG steps (papers: 50-100)
 MAX_LIME_SAMPLES = 20_000  # LIME builds all its masks at once (paper 000: 1000)
 MAX_PASSES = 100_000  # SmoothGrad over another method: n x that method's passes per image

@@ -11,9 +11,8 @@ from skimage.segmentation import slic
 from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
-from handlers.budget import images_per_pass
+from handlers.budget import MAX_BATCH_SIZE, images_per_pass
 from handlers.explainers.base import (
-    MAX_BATCH_SIZE,
     MAX_LIME_SAMPLES,
     Attribution,
     BatchedParams,

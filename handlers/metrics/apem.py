@@ -33,6 +33,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
+from handlers.budget import MAX_BATCH_SIZE
 from handlers.metrics.flip_search import (
     NOT_FOUND,
     SEARCHES,
@@ -71,7 +72,7 @@ class ApemParams(StrictParams):
     step: float = Field(1.0, gt=0)
     max_steps: int = Field(2000, ge=1, le=100_000)
     search: Literal["exact", "sequential", "approximate"] = "exact"
-    batch_size: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
     first_chunk: int = Field(16, ge=1, le=65536)
     clip: bool = False
     normalise: bool = False

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
-from handlers.budget import images_per_pass
+from handlers.budget import MAX_BATCH_SIZE, images_per_pass
 from handlers.metrics.apem import (
     ApemParams,
     apem,
@@ -50,8 +50,8 @@ class FilterParams(StrictParams):
             distinct values and so the filter's cost; ``None`` keeps the values as given.
     """
 
-    candidates_per_batch: int = Field(8, ge=1, le=4096)
-    max_candidates_per_batch: int = Field(64, ge=1, le=4096)
+    candidates_per_batch: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
+    max_candidates_per_batch: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     levels: int | None = Field(None, ge=2, le=1 << 24)
 
 
