@@ -20,6 +20,8 @@ is closed-loop: each of ``c`` clients sends its next request when the last one a
     python benchmarks/serving.py                        # the table of docs/performance.md
     python benchmarks/serving.py --sweep 1x2:1/0,1x2:8/5,2x1:8/5 --arms direct
                                                         # choose workers x threads:batch/delay
+    python benchmarks/serving.py --split-cores 1 --workers 1 --arms gateway,direct
+                                                        # TorchServe and gateway apart
 """
 
 from __future__ import annotations
@@ -368,6 +370,28 @@ def run_levels(
 
 
 # --------------------------------------------------------------------------- arms
+@contextmanager
+def cores(which: set[int] | None) -> Iterator[None]:
+    """Run this process, and what it starts meanwhile, on ``which`` cores (``None``: all)."""
+    if which is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, which)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def split_cores(model_cores: int) -> tuple[set[int], set[int]]:
+    """The first ``model_cores`` cores for TorchServe, the rest for the gateway and clients."""
+    available = sorted(os.sched_getaffinity(0))
+    if not 0 < model_cores < len(available):
+        raise SystemExit(f"--split-cores {model_cores}: needs fewer than the {len(available)} cores")
+    return set(available[:model_cores]), set(available[model_cores:])
+
+
 def measure_ours(
     tmp: Path,
     config: ServeConfig,
@@ -375,8 +399,13 @@ def measure_ours(
     levels: list[int],
     jpeg: bytes,
     timing: tuple[float, float, int],
+    model_cores: int = 0,
 ) -> list[Measurement]:
-    """Our handler direct and through the gateway; ``timing`` = (warm-up, duration, rounds)."""
+    """Our handler direct and through the gateway; ``timing`` = (warm-up, duration, rounds).
+
+    With ``model_cores``, TorchServe runs on that many cores and the gateway and the load
+    generator on the others, as in a deployment where they live on different machines.
+    """
     store = build_ours(tmp / f"ours-{config.label().replace(':', '_').replace('/', '_')}", config)
     server = TorchServeProcess(
         store, [f"{MODEL}.mar"], tmp / "ts-ours", free_port(), free_port(), free_port(),
@@ -386,8 +415,11 @@ def measure_ours(
         "direct": (frame_body(jpeg), MEDIA_TYPE),
         "direct-json": (json_body(jpeg), "application/json"),
     }
+    model_side, client_side = split_cores(model_cores) if model_cores else (None, None)
     with ExitStack() as stack:
-        stack.enter_context(torchserve(server))
+        with cores(model_side):
+            stack.enter_context(torchserve(server))
+        stack.enter_context(cores(client_side))
         targets = []
         for arm, (body, content_type) in bodies.items():
             if arm in arms:
@@ -496,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", help="our configs to compare, WxT:B/D comma-separated")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--split-cores", type=int, default=0, metavar="N",
+                        help="TorchServe on the first N cores, gateway and clients on the rest")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -513,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             if {"gateway", "direct", "direct-json"} & set(arms):
                 timing = (args.warmup, args.duration, args.rounds)
-                results += measure_ours(Path(tmp), config, arms, levels, jpeg, timing)
+                results += measure_ours(
+                    Path(tmp), config, arms, levels, jpeg, timing, args.split_cores
+                )
         if "stock" in arms:
             results += measure_stock(Path(tmp), levels, jpeg, args.warmup, args.duration)
     after = load_average()
