@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handlers.allocator import retain_freed_memory
 from handlers.attacks import get_attack
 from handlers.criticism import selection as sel
 from handlers.explainers import explain
@@ -236,7 +237,11 @@ def main() -> None:
     parser.add_argument("--save-inputs", type=Path)
     parser.add_argument("--sections", nargs="*", default=["attacks", "apem", "filter", "mmd"])
     parser.add_argument("--filter-sizes", type=int, nargs="*", default=[64, 224])
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (the service tunes them: handlers.allocator)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        retain_freed_memory()
     data = load_inputs(args.inputs, 64)
     if args.save_inputs:
         np.savez_compressed(args.save_inputs, **data)
@@ -251,7 +256,8 @@ def main() -> None:
         keep = (model(x).argmax(1) == y).nonzero().flatten()[: args.images // 2 if args.quick else args.images]
     x, y = x[keep], y[keep]
     grid = {"step": 4.0, "max_steps": 500} if args.quick else {"step": 1.0, "max_steps": 2000}
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {MODEL}")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {MODEL}, "
+          f"malloc {'glibc defaults' if args.default_malloc else 'as the service sets it'}")
     if "attacks" in args.sections:
         bench_attacks(model, x, y, device)
     if "apem" in args.sections:

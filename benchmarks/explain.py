@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from handlers.allocator import retain_freed_memory
 from handlers.explainers import create_explainer
 from handlers.explainers.lime import LimeParams, segment
 from handlers.models.architectures import build_architecture
@@ -298,7 +299,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
     lines.append("")
     lines.append(f"{device}; torch {torch.__version__}; {args.images} images, best of {args.repeats}; "
                  f"batch sizes tried for the floor: {args.batch_sizes}; ours and batched peers use "
-                 f"{args.batch_size or 'the floor' + chr(39) + 's best batch size'}.")
+                 f"{args.batch_size or 'the floor' + chr(39) + 's best batch size'}; "
+                 f"malloc {'glibc defaults' if args.default_malloc else 'as the service sets it'}.")
     return "\n".join(lines)
 
 
@@ -318,6 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="*", default=[], help="peers to leave out, e.g. zennit")
     parser.add_argument("--quick", action="store_true", help="n=10, steps=10, LIME n=100, 2 images")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (the service tunes them: handlers.allocator)")
     args = parser.parse_args(argv)
     if args.quick:
         args.smoothgrad_n, args.ig_steps, args.lime_n, args.images = 10, 10, 100, 2
@@ -327,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        retain_freed_memory()
     counts = Counts(args.smoothgrad_n, args.ig_steps, args.lime_n, args.batch_size or 64)
     rows = [row for name in args.models for row in benchmark_model(name, args, counts)]
     table = markdown(rows, args)

@@ -20,6 +20,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from handlers import contract
+from handlers.allocator import retain_freed_memory
 from handlers.frames import FrameError, decode_frame, is_frame
 from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskError, TaskRunner
@@ -97,6 +98,7 @@ class BeyondHandler:
         properties = context.system_properties
         model_config = getattr(context, "model_yaml_config", None) or {}
         configure_threads(model_config.get("minWorkers"))
+        retain_freed_memory()
         device = select_device(properties.get("gpu_id"))
         model, spec = load_model_dir(Path(properties["model_dir"]), device)
         self.runner = TaskRunner(model, spec, device)
