@@ -143,11 +143,12 @@ def _inference_network(network: nn.Module) -> nn.Module:
     """Batch norm folded, channels-last weights, and every ReLU in place.
 
     The served networks keep their ReLUs out of place for the explainers' hooks; a copy that
-    only ever runs without autograd need not. In place, a ReLU writes no new activation
-    tensor (for a large batch that is a fresh allocation, page faults included, per layer):
-    on two cores shapes-resnet scores 1000 images at batch 128 in 145 ms instead of 197 ms
-    (best of 8, interleaved), and resnet18 on one thread takes 43.9 / 35.0 / 33.5 ms per
-    image at batch 1 / 4 / 8 instead of 44.4 / 36.7 / 36.9. Same logits, bit for bit.
+    only ever runs without autograd need not. In place, a ReLU allocates no new activation
+    tensor. shapes-resnet scoring 1000 images at batch 128 on two cores (interleaved, best
+    of 8-20): 139 instead of 152 ms with the workers' allocator settings
+    (:mod:`handlers.allocator`); with glibc's defaults anywhere from no change to 197 -> 145
+    ms, depending on how much the allocator has to fault in again. resnet18 on one thread:
+    the same at batch 1 and 4, 3-9 % faster at batch 8. Same logits, bit for bit.
     """
     duplicate = frozen_copy(network).to(memory_format=torch.channels_last)
     for module in duplicate.modules():
