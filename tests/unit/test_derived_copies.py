@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,3 +70,17 @@ def test_inference_features_match_and_can_lead_a_graph_through_the_head() -> Non
     with torch.no_grad():
         torch.testing.assert_close(embeddings, model.embed(images), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(logits, model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["resnet50", "densenet121"])
+def test_in_place_relus_of_the_copy_keep_deeper_torchvision_blocks_exact(architecture: str) -> None:
+    """Bottleneck blocks (resnet50) and dense concatenations (densenet121) reuse tensors;
+    the inference copy's in-place ReLUs must not overwrite one that is still needed."""
+    torch.set_num_threads(1)
+    model = make_classifier(architecture)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images)
+    torch.testing.assert_close(inference_logits(model, images), expected, rtol=1e-4, atol=1e-5)
+    served = [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert served and not any(served)  # the served network keeps its hooks' inputs intact
