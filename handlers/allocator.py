@@ -8,8 +8,10 @@ zeroed by the kernel. Keeping freed memory in the heap removes that work and cha
 value. Measured on two cores, ``shapes-resnet``, 4 images, best of 4 per run, three runs
 each way, interleaved: LIME (n=1000) 242-275 -> 180-200 ms per image, SmoothGrad (n=100)
 81-113 -> 74-79 ms, Integrated Gradients (50 steps) 41-42 -> 31-36 ms; the run's peak
-resident memory 942-964 -> 959-978 MB. resnet18 on one thread, whose blocks are mostly
-above the 32 MiB that ``mmap`` keeps, is unchanged.
+resident memory 942-964 -> 959-978 MB. resnet18 at 224x224, SmoothGrad n=64 at batch 32
+on two threads, two runs each way: 4.05-4.52 -> 3.48-3.50 s; its predictions on one
+thread (batch 1-8) are unchanged. Turning ``mmap`` off altogether (``M_MMAP_MAX = 0``)
+gained nothing more there and kept 80-130 MB more.
 
 The TorchServe adapter applies this when a worker starts; the speed benchmarks apply it to
 their own process, so that what they time is what the service runs.
