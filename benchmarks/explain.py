@@ -9,7 +9,8 @@ LayerGradCam, zennit's epsilon-rule LRP, SmoothGrad and IntegratedGradients, and
 ``lime`` package's LimeImageExplainer (its default batch size, 10, and ours).
 
 Images are explained one per call (the serving path); times are per image, the best of
-``--repeats`` runs over ``--images`` images.
+``--repeats`` runs over ``--images`` images. Each method's floor is measured right before the
+method itself, so that the drift of a shared machine within a run hits both alike.
 
     python -m benchmarks.explain                      # full counts, CPU
     python -m benchmarks.explain --quick              # small counts
@@ -102,9 +103,11 @@ def per_image(fn: Callable[[torch.Tensor], object], images: torch.Tensor, repeat
 
 
 # --------------------------------------------------------------------------- floors
-def pass_costs(model: PixelClassifier, image: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict:
-    """ms per image of a forward and of a forward+backward pass, per batch size."""
-    costs: dict[str, dict[int, float]] = {"forward": {}, "backward": {}}
+def pass_costs(
+    model: PixelClassifier, image: torch.Tensor, batch_sizes: list[int], repeats: int, kind: str
+) -> dict[int, float]:
+    """ms per image of a ``forward`` or a forward+``backward`` pass, per batch size."""
+    costs: dict[int, float] = {}
     for size in batch_sizes:
         batch = image.expand(size, -1, -1, -1).contiguous()
 
@@ -116,8 +119,7 @@ def pass_costs(model: PixelClassifier, image: torch.Tensor, batch_sizes: list[in
             x = batch.detach().requires_grad_(True)
             torch.autograd.grad(model(x)[:, 0].sum(), x)
 
-        costs["forward"][size] = 1000 * timed(forward, image.device, repeats) / size
-        costs["backward"][size] = 1000 * timed(backward, image.device, repeats) / size
+        costs[size] = 1000 * timed(forward if kind == "forward" else backward, image.device, repeats) / size
     return costs
 
 
@@ -257,7 +259,6 @@ def benchmark_model(name: str, args: argparse.Namespace, counts: Counts) -> list
     model = load_model(name, device)
     size = 64 if name == "shapes-resnet" else 224
     images = make_images(args.images, size, device)
-    costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats)
     peers: dict[str, dict[str, Callable]] = {}
     for library, build in (("captum", lambda: captum_peers(model, counts, 0.2)),
                            ("zennit", lambda: zennit_peers(model, counts, 0.2))):
@@ -268,12 +269,14 @@ def benchmark_model(name: str, args: argparse.Namespace, counts: Counts) -> list
     target = torch.zeros(1, dtype=torch.long, device=device)
     for method in args.methods:
         kind, samples = OURS[method][1], _ours(method, counts)[2]
+        # measured right before the method: the machine drifts by 10-30 % within a run
+        costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats, kind)
         if args.batch_size is None:  # the floor's best batch size, for ours and the peers
-            counts.batch_size = best_batch_size(costs[kind], samples)
+            counts.batch_size = best_batch_size(costs, samples)
         params = _ours(method, counts)[0]
         explainer = create_explainer(method, params)
         ours = per_image(lambda x, e=explainer: e.explain(model, x, target), images, args.repeats)
-        row = Row(name, method, samples, ours, floor(costs[kind], samples))
+        row = Row(name, method, samples, ours, floor(costs, samples))
         for library, fn in peers.get(method, {}).items():
             if library in args.skip:
                 continue
