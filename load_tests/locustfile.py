@@ -33,8 +33,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from locust import FastHttpUser, LoadTestShape, between, constant_throughput, events, task
+from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.exception import RescheduleTaskImmediately
+
+from load_tests.pacing import Pacer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads(
@@ -238,16 +240,21 @@ class MixedUser(FastHttpUser):
 
 
 class PredictUser(FastHttpUser):
-    """Predictions only, ``per_user_rps`` each: the users x rate set the offered load."""
+    """Predictions only, ``per_user_rps`` each: the users x rate set the offered load.
 
-    wait_time = constant_throughput(float(CONFIG["capacity"]["per_user_rps"]))
+    Each user keeps its own random phase within the period (:class:`~load_tests.pacing.Pacer`),
+    so a step's users, started together, offer a steady rate rather than one burst per period.
+    """
+
     network_timeout = float(CONFIG["run"]["timeout_s"])
     connection_timeout = 10.0
 
     def on_start(self) -> None:
-        # users of a step start together: spread their first requests over one period so
-        # the offered load is a steady rate, not one burst per second
-        time.sleep(random.uniform(0, 1 / float(CONFIG["capacity"]["per_user_rps"])))
+        self.pacer = Pacer(1 / float(CONFIG["capacity"]["per_user_rps"]), time.perf_counter())
+        time.sleep(self.pacer.first_wait(time.perf_counter()))
+
+    def wait_time(self) -> float:
+        return self.pacer.next_wait(time.perf_counter())
 
     @task
     def predict(self) -> None:
