@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.integration.conftest import API_KEY, REPO, Stack
@@ -41,3 +42,19 @@ def test_runner_refuses_other_hosts(tmp_path: Path) -> None:
         command + ["--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode != 0 and "loopback" in done.stderr
+
+
+def test_capacity_steps_offer_a_steady_rate(stack: Stack, tmp_path: Path) -> None:
+    """40 users started together at 1 request/s each: about 8 requests per 200 ms, no bursts.
+
+    With Locust's own pacing every user fired in the same instant once per second (all 40
+    requests inside one or two 200 ms bins, and the gateway's in-flight bound refusing them).
+    """
+    done = run(stack, tmp_path, "--capacity", "--steps", "40:8,5:2")
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    rows = (tmp_path / "samples.csv").read_text().splitlines()[1:]
+    ends = np.array([float(r.split(",")[0]) for r in rows if ",POST /predict," in r])
+    steady = ends[(ends > ends.min() + 2.0) & (ends < ends.min() + 7.0)]  # inside the 40 req/s step
+    per_200ms = np.bincount(((steady - steady.min()) * 5).astype(int))
+    assert 120 <= len(steady) <= 240  # about 40 req/s for 5 s
+    assert per_200ms.max() <= 20, per_200ms.tolist()
