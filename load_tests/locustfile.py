@@ -250,8 +250,9 @@ class PredictUser(FastHttpUser):
     connection_timeout = 10.0
 
     def on_start(self) -> None:
-        self.pacer = Pacer(1 / float(CONFIG["capacity"]["per_user_rps"]), time.perf_counter())
-        time.sleep(self.pacer.first_wait(time.perf_counter()))
+        now = time.perf_counter()
+        self.pacer = Pacer(1 / float(CONFIG["capacity"]["per_user_rps"]), now)
+        time.sleep(self.pacer.first_wait(now))
 
     def wait_time(self) -> float:
         return self.pacer.next_wait(time.perf_counter())

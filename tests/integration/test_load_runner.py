@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from load_tests.report import Samples
 from tests.integration.conftest import API_KEY, REPO, Stack
 
 pytestmark = pytest.mark.integration
@@ -52,9 +53,11 @@ def test_capacity_steps_offer_a_steady_rate(stack: Stack, tmp_path: Path) -> Non
     """
     done = run(stack, tmp_path, "--capacity", "--steps", "40:8,5:2")
     assert done.returncode in (0, 1), done.stdout + done.stderr
-    rows = (tmp_path / "samples.csv").read_text().splitlines()[1:]
-    ends = np.array([float(r.split(",")[0]) for r in rows if ",POST /predict," in r])
-    steady = ends[(ends > ends.min() + 2.0) & (ends < ends.min() + 7.0)]  # inside the 40 req/s step
-    per_200ms = np.bincount(((steady - steady.min()) * 5).astype(int))
+    samples = Samples.read(tmp_path / "samples.csv")
+    (start, rate), (end, _) = samples.steps[:2]
+    assert rate == 40
+    ends = samples.end_s[samples.names == "POST /predict"]
+    steady = ends[(ends > start + 2.0) & (ends < end - 1.0)]  # 5 s inside the 40 req/s step
+    per_200ms = np.bincount(((steady - start - 2.0) * 5).astype(int))
     assert 120 <= len(steady) <= 240  # about 40 req/s for 5 s
     assert per_200ms.max() <= 20, per_200ms.tolist()
