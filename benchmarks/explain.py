@@ -10,10 +10,13 @@ LayerGradCam, zennit's epsilon-rule LRP, SmoothGrad and IntegratedGradients, and
 
 Images are explained one per call (the serving path); times are per image, the best of
 ``--repeats`` runs over ``--images`` images. Each method's floor is measured right before the
-method itself, so that the drift of a shared machine within a run hits both alike.
+method itself, so that the drift of a shared machine within a run hits both alike; with
+``--rounds R`` the floor, ours and the peers are measured R times in alternating order and
+each cell is the median.
 
     python -m benchmarks.explain                      # full counts, CPU
     python -m benchmarks.explain --quick              # small counts
+    python -m benchmarks.explain --models shapes-resnet --rounds 5   # medians of 5 rounds
     python -m benchmarks.explain --device cuda --models shapes-resnet resnet18
 """
 
@@ -45,7 +48,7 @@ class Counts:
     smoothgrad: int
     ig_steps: int
     lime: int
-    batch_size: int
+    batch_size: int | None  # None: the floor's best, chosen per method
 
 
 @dataclass
@@ -254,6 +257,40 @@ def _ours(name: str, counts: Counts) -> tuple[dict, str, int]:
     return params, kind, getattr(counts, samples) if isinstance(samples, str) else samples
 
 
+def measure_method(
+    name: str, method: str, model: PixelClassifier, images: torch.Tensor, peers: dict[str, Callable],
+    args: argparse.Namespace, counts: Counts,
+) -> Row:
+    """Median over ``--rounds`` of the floor, ours and every peer, the arms' order reversed
+    every other round (a shared machine drifts by 10-30 % within minutes, and whichever arm
+    runs right after a heavy one can pay for it)."""
+    kind, samples = OURS[method][1], _ours(method, counts)[2]
+    target = torch.zeros(1, dtype=torch.long, device=images.device)
+
+    def floor_ms() -> float:
+        costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats, kind)
+        if args.batch_size is None and counts.batch_size is None:  # the floor's best, for all arms
+            counts.batch_size = best_batch_size(costs, samples)
+        return floor(costs, samples)
+
+    counts.batch_size = args.batch_size
+    times: dict[str, list[float]] = {"floor": [floor_ms()]}
+    explainer = create_explainer(method, _ours(method, counts)[0])
+    arms: dict[str, Callable[[], float]] = {
+        "floor": floor_ms,
+        "ours": lambda: per_image(lambda x: explainer.explain(model, x, target), images, args.repeats),
+    }
+    for library, fn in peers.items():
+        if library not in args.skip:
+            arms[library] = lambda fn=fn: per_image(fn, images, args.repeats)
+    for round_ in range(args.rounds):
+        for arm in list(arms) if round_ % 2 == 0 else list(arms)[::-1]:
+            if len(times.setdefault(arm, [])) <= round_:
+                times[arm].append(arms[arm]())
+    median = {arm: float(np.median(values)) for arm, values in times.items()}
+    return Row(name, method, samples, median.pop("ours"), median.pop("floor"), median)
+
+
 def benchmark_model(name: str, args: argparse.Namespace, counts: Counts) -> list[Row]:
     device = torch.device(args.device)
     model = load_model(name, device)
@@ -266,21 +303,8 @@ def benchmark_model(name: str, args: argparse.Namespace, counts: Counts) -> list
             peers.setdefault(method, {})[library] = fn
     peers.setdefault("lime", {}).update(lime_image_peers(model, counts))
     rows = []
-    target = torch.zeros(1, dtype=torch.long, device=device)
     for method in args.methods:
-        kind, samples = OURS[method][1], _ours(method, counts)[2]
-        # measured right before the method: the machine drifts by 10-30 % within a run
-        costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats, kind)
-        if args.batch_size is None:  # the floor's best batch size, for ours and the peers
-            counts.batch_size = best_batch_size(costs, samples)
-        params = _ours(method, counts)[0]
-        explainer = create_explainer(method, params)
-        ours = per_image(lambda x, e=explainer: e.explain(model, x, target), images, args.repeats)
-        row = Row(name, method, samples, ours, floor(costs, samples))
-        for library, fn in peers.get(method, {}).items():
-            if library in args.skip:
-                continue
-            row.peers[library] = per_image(fn, images, args.repeats)
+        row = measure_method(name, method, model, images, peers.get(method, {}), args, counts)
         rows.append(row)
         print(f"done: {row}", file=sys.stderr, flush=True)  # partial results survive a timeout
     return rows
@@ -300,7 +324,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines.append("")
-    lines.append(f"{device}; torch {torch.__version__}; {args.images} images, best of {args.repeats}; "
+    lines.append(f"{device}; torch {torch.__version__}; {args.images} images, best of {args.repeats}, "
+                 f"median of {args.rounds} round(s) in alternating order; "
                  f"batch sizes tried for the floor: {args.batch_sizes}; ours and batched peers use "
                  f"{args.batch_size or 'the floor' + chr(39) + 's best batch size'}; "
                  f"malloc {'glibc defaults' if args.default_malloc else 'as the service sets it'}.")
@@ -315,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure floor, ours and peers this many times, alternating order; report medians")
     parser.add_argument("--smoothgrad-n", type=int, default=100)
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--lime-n", type=int, default=1000)
@@ -336,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if not args.default_malloc:
         retain_freed_memory()
-    counts = Counts(args.smoothgrad_n, args.ig_steps, args.lime_n, args.batch_size or 64)
+    counts = Counts(args.smoothgrad_n, args.ig_steps, args.lime_n, args.batch_size)
     rows = [row for name in args.models for row in benchmark_model(name, args, counts)]
     table = markdown(rows, args)
     print(table)
