@@ -20,6 +20,7 @@ from handlers.explainers.base import (
     resolve_targets,
     select_logits,
 )
+from handlers.models.derived import inference_logits
 
 Quadrature = Literal["gausslegendre", "riemann_middle", "riemann_trapezoid"]
 
@@ -74,30 +75,30 @@ class IntegratedGradients(Explainer):
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Gradients at the path points, weighted and summed, times ``x - x'``.
 
-        The first pass also carries ``x`` and ``x'`` themselves (their logits give the
-        predicted class and the completeness gap), so no pass is spent on them alone.
+        ``F(x)`` and ``F(x')`` (the predicted class and the completeness gap) come from one
+        gradient-free pass of the fused inference copy
+        (:func:`~handlers.models.derived.inference_logits`), not from the backward passes:
+        riding along in the first path batch cost a forward and a backward pass for both
+        images (52 instead of 50 images through the backward at 50 steps; resnet18 was 4-8 %
+        behind captum, which computes neither).
         """
         p = self.params
         batch = images.shape[0]
         baseline = torch.full_like(images, p.baseline)
+        end_logits = inference_logits(model, torch.cat([images, baseline])).clone()
+        targets = resolve_targets(end_logits[:batch], targets)
+        end_scores = select_logits(end_logits, targets.repeat(2))
         alphas, weights = (t.to(images) for t in quadrature(p.steps, p.method))
         delta = images - baseline
         per_pass = max(1, images_per_pass(p.batch_size, images.shape) // batch)
         total = torch.zeros_like(images)
-        ends = torch.cat([images, baseline])
         for start in range(0, p.steps, per_pass):
             a = alphas[start : start + per_pass].view(-1, 1, 1, 1, 1)
             w = weights[start : start + per_pass].view(-1, 1, 1, 1, 1)
-            lead = len(ends) if start == 0 else 0
-            path = (baseline + a * delta).flatten(0, 1)
-            points = (torch.cat([ends, path]) if lead else path).requires_grad_(True)
-            logits = model(points)
-            if lead:
-                targets = resolve_targets(logits[:batch], targets)
-                end_scores = select_logits(logits[:lead].detach(), targets.repeat(2))
-            objective = select_logits(logits[lead:], targets.repeat(len(a))).sum()
+            points = (baseline + a * delta).flatten(0, 1).requires_grad_(True)
+            objective = select_logits(model(points), targets.repeat(len(a))).sum()
             (grad,) = autograd.grad(objective, points)
-            total += (w * grad[lead:].view(len(a), *images.shape)).sum(dim=0)
+            total += (w * grad.view(len(a), *images.shape)).sum(dim=0)
         relevance = delta * total
         gap = relevance.flatten(1).sum(1) - (end_scores[:batch] - end_scores[batch:])
         return Attribution(relevance, targets, {"completeness_gap": gap.tolist()})
