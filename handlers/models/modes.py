@@ -17,6 +17,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     (as a model server may) or ``torch.no_grad``; inference tensors must be copied first.
     """
     was_training = model.training
+    if not was_training and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        yield  # nothing to switch: the common case of a served model, without two contexts
+        return
     try:
         with torch.inference_mode(False), torch.enable_grad():
             if was_training:
