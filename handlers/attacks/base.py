@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handlers.attacks.params import AttackParams, CoreSettings
+from handlers.models.derived import inference_logits
 from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, UnknownMethod
 
@@ -116,14 +117,16 @@ class _Goal:
     reference: torch.Tensor
     targeted: bool
 
-    def reached(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        hit = logits.argmax(dim=1) == self.reference[rows]
+    def reached(self, logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Per row: has the goal been reached (``reference``: the rows' own classes)?"""
+        hit = logits.argmax(dim=1) == reference
         return hit if self.targeted else ~hit
 
-    def loss(self, logits: torch.Tensor, rows: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Sum (not mean) of the per-image losses of the moving images, so each image's
-        gradient is its own."""
-        ce = (F.cross_entropy(logits, self.reference[rows], reduction="none") * moving).sum()
+    def loss(self, logits: torch.Tensor, reference: torch.Tensor, moving: torch.Tensor | None) -> torch.Tensor:
+        """Sum (not mean) of the per-image losses of the moving images (all if ``None``),
+        so each image's gradient is its own."""
+        ce = F.cross_entropy(logits, reference, reduction="none")
+        ce = (ce if moving is None else ce * moving).sum()
         return -ce if self.targeted else ce
 
 
@@ -231,28 +234,40 @@ class Attack(ABC):
         """Run up to ``M`` steps; images that succeeded stop changing if ``stop_at_flip``.
 
         On the CPU stopped images leave the batch (less work); on a GPU they stay in it,
-        frozen by a mask, so that a step costs one host-device synchronisation only.
+        frozen by a mask, so that a step costs one host-device synchronisation only. The
+        rows in the batch carry their own reference classes and clean images, and the batch
+        is only re-indexed in a step where an image stopped: a step of a batch whose images
+        all move indexes nothing (on one 64x64 image the bookkeeping was about a tenth of
+        the attack).
         """
-        settings, compact = self.settings, compacts(x0.device)
+        settings = self.settings
+        compact = compacts(x0.device) and settings.stop_at_flip
         adversarial, final_logits = x.detach().clone(), logits.detach().clone()
         steps = torch.full((x0.shape[0],), NEVER, dtype=torch.long, device=x0.device)
         rows = torch.arange(x0.shape[0], device=x0.device)
+        reference, origin = goal.reference, x0  # those of the rows in the batch
         for t in range(settings.iterations + 1):
             final_logits[rows] = logits.detach()
-            hit = goal.reached(logits.detach(), rows)
-            steps[rows] = torch.where(hit & (steps[rows] == NEVER), t, steps[rows])
-            moving = steps[rows] == NEVER if settings.stop_at_flip else torch.ones_like(hit)
-            if t == settings.iterations or (settings.stop_at_flip and not moving.any()):
+            hit = goal.reached(logits.detach(), reference)
+            if compact:  # every row in the batch has not flipped before
+                steps[rows] = torch.where(hit, t, NEVER)
+                moving = ~hit
+            else:  # the batch is the whole set
+                steps = torch.where(hit & (steps == NEVER), t, steps)
+                moving = steps == NEVER if settings.stop_at_flip else None
+            done = t == settings.iterations or (moving is not None and not moving.any())
+            if done:
                 break
-            selected = moving if compact and settings.stop_at_flip else None
-            if selected is not None:
-                rows, logits, moving = rows[selected], logits[selected], moving[selected]
-            (grad,) = torch.autograd.grad(goal.loss(logits, rows, moving), x)
+            leaving = compact and not bool(moving.all())
+            if leaving:
+                rows, logits, reference, origin = rows[moving], logits[moving], reference[moving], origin[moving]
+            (grad,) = torch.autograd.grad(goal.loss(logits, reference, None if compact else moving), x)
             x_now = x.detach()
-            if selected is not None:
-                grad, x_now = grad[selected], x_now[selected]
-            stepped = self._step(x_now, grad, x0[rows])
-            stepped = torch.where(moving.view(-1, *([1] * (x0.dim() - 1))), stepped, x_now)
+            if leaving:
+                grad, x_now = grad[moving], x_now[moving]
+            stepped = self._step(x_now, grad, origin)
+            if moving is not None and not compact:
+                stepped = torch.where(moving.view(-1, *([1] * (x0.dim() - 1))), stepped, x_now)
             adversarial[rows] = stepped
             logits, x = _forward(model, stepped, need_grad=t + 1 < settings.iterations)
         return adversarial, final_logits, steps
@@ -275,11 +290,12 @@ def _forward(
 
     With ``need_grad`` the leaf is a fresh ``requires_grad`` copy of ``x`` so that
     ``torch.autograd.grad(loss, leaf)`` gives input gradients only (no parameter ``.grad``).
+    Without, the logits come from the fused inference copy, as the prediction task's do
+    (:func:`~handlers.models.derived.inference_logits`; about half a plain forward pass).
     """
     leaf = x.detach()
     if not need_grad:
-        with torch.no_grad():
-            return model(leaf), leaf
+        return inference_logits(model, leaf).clone(), leaf
     leaf = leaf.clone().requires_grad_(True)
     with torch.enable_grad():
         return model(leaf), leaf
@@ -307,7 +323,7 @@ def _summarise(
         reference=goal.reference.cpu(),
         reference_confidence=final_p[rows, goal.reference].cpu(),
         targeted=goal.targeted,
-        success=goal.reached(final_logits, rows).cpu(),
+        success=goal.reached(final_logits, goal.reference).cpu(),
         steps_to_flip=steps.cpu(),
         linf=delta.abs().amax(dim=1).cpu(),
         l2=delta.norm(dim=1).cpu(),
