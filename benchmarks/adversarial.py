@@ -210,8 +210,8 @@ def reference_port(x: np.ndarray, m_protos: int, m_crits: int, sigma: float, lam
 
 
 def bench_mmd(embeddings: np.ndarray, counts: list[int]) -> None:
-    sigma = sel.median_bandwidth(sel.squared_distances(embeddings))
-    t_median, _ = timed(lambda: sel.median_bandwidth(sel.squared_distances(embeddings)), torch.device("cpu"), 3)
+    sigma = sel.median_distance(embeddings)
+    t_median, _ = timed(lambda: sel.median_distance(embeddings), torch.device("cpu"), 3)
     rows = []
     for m in counts:
         t_ours, ours = timed(lambda m=m: sel.mmd_critic(embeddings, m, m, bandwidth=sigma), torch.device("cpu"), 3)

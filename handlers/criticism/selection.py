@@ -28,40 +28,107 @@ Picked = tuple[np.ndarray, np.ndarray]
 
 
 # --------------------------------------------------------------------------- kernel
-def squared_distances(x: np.ndarray) -> np.ndarray:
-    """Pairwise squared Euclidean distances of the rows of ``x`` (float64, >= 0)."""
-    x = np.asarray(x, dtype=np.float64)
-    sq = np.einsum("ij,ij->i", x, x)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+BLOCK_ROWS = 256
+"""Rows of the ``n x n`` distance matrix computed at a time: memory ``O(BLOCK_ROWS * n)``."""
+
+HISTOGRAM_BINS = 1 << 16
+"""Bins of the first pass of the exact median of the pairwise distances."""
+
+
+def _as_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected (n, d) embeddings, got shape {x.shape}")
+    return x
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def squared_distances(x: np.ndarray, sq: np.ndarray, rows: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
+    """``||x_i - x_j||^2`` for ``i`` in ``rows`` and ``j`` in ``columns`` (float64, >= 0;
+    exactly 0 for ``i = j``); ``sq``: :func:`squared_norms` of ``x``."""
+    d2 = sq[rows, None] + sq[None, columns]
+    d2 -= 2.0 * (x[rows] @ x[columns].T)
     np.maximum(d2, 0.0, out=d2)
-    np.fill_diagonal(d2, 0.0)
+    local = rows - (columns.start or 0)  # column of each row's own example, if in range
+    inside = (local >= 0) & (local < d2.shape[1])
+    d2[np.flatnonzero(inside), local[inside]] = 0.0
     return d2
 
 
-def median_bandwidth(d2: np.ndarray) -> float:
-    """Median heuristic: the median distance between distinct examples (1.0 if it is 0)."""
-    n = d2.shape[0]
+def _upper_triangle_blocks(x: np.ndarray):  # noqa: ANN202 - a generator of arrays
+    """The squared distances ``||x_i - x_j||^2`` for ``i < j``, a block of rows at a time."""
+    n, sq = x.shape[0], squared_norms(x)
+    for start in range(0, n - 1, BLOCK_ROWS):
+        rows = np.arange(start, min(start + BLOCK_ROWS, n - 1))
+        d2 = squared_distances(x, sq, rows, slice(start, n))
+        yield d2[np.arange(d2.shape[1])[None, :] > (rows - start)[:, None]]
+
+
+def median_distance(embeddings: np.ndarray) -> float:
+    """Median heuristic: the median distance between distinct examples (1.0 if it is 0).
+
+    Exact (the ``numpy.median`` of all ``n (n - 1) / 2`` distances) without holding them:
+    one pass counts the squared distances in :data:`HISTOGRAM_BINS` bins up to a bound on
+    the largest, a second keeps only those in the bins of the middle order statistics.
+    Memory ``O(BLOCK_ROWS * n)`` (a class of 20,000 images would otherwise need gigabytes).
+    """
+    x = _as_rows(embeddings)
+    n = x.shape[0]
     if n < 2:
         return 1.0
-    upper = d2[np.triu_indices(n, k=1)]
-    median = float(np.median(np.sqrt(upper)))
+    pairs = n * (n - 1) // 2
+    middle = ((pairs - 1) // 2, pairs // 2)  # the order statistics numpy.median averages
+    radius = np.sqrt(np.einsum("ij,ij->i", x - x.mean(axis=0), x - x.mean(axis=0)).max())
+    top = (2.0 * radius) ** 2 * (1.0 + 1e-9)  # >= every squared distance
+    if not top > 0 or not np.isfinite(HISTOGRAM_BINS / top):
+        return 1.0  # all examples (numerically) equal
+    scale = HISTOGRAM_BINS / top
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for d2 in _upper_triangle_blocks(x):
+        counts += np.bincount(np.minimum(d2 * scale, HISTOGRAM_BINS - 1).astype(np.int64), minlength=HISTOGRAM_BINS)
+    first, last = (int(np.searchsorted(np.cumsum(counts), k, side="right")) for k in middle)
+    kept, below = [], 0  # the values in bins first..last, and how many lie in lower bins
+    for d2 in _upper_triangle_blocks(x):
+        bins = np.minimum(d2 * scale, HISTOGRAM_BINS - 1).astype(np.int64)
+        kept.append(d2[(bins >= first) & (bins <= last)])
+        below += int(np.count_nonzero(bins < first))
+    values = np.sort(np.concatenate(kept))
+    low, high = (values[k - below] for k in middle)
+    median = float((np.sqrt(low) + np.sqrt(high)) / 2.0)
     return median if median > 0 else 1.0
 
 
-def rbf_kernel(x: np.ndarray, bandwidth: float | None = None) -> tuple[np.ndarray, float]:
-    """RBF kernel ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))`` of the rows of ``x``.
+class RbfKernel:
+    """RBF kernel ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))`` of the rows of ``x``, lazily.
+
+    MMD-critic needs the column sums of the ``n x n`` kernel and a few of its rows (one per
+    selected prototype or criticism), not the matrix: the column sums are accumulated a
+    block of :data:`BLOCK_ROWS` rows at a time and rows are computed when asked for, so
+    memory stays ``O(BLOCK_ROWS * n)`` (the matrix of 20,000 embeddings is 3.2 GB, more
+    than a worker's memory limit).
 
     Args:
-        x: ``(n, d)`` embeddings.
-        bandwidth: ``sigma``; ``None`` uses the median heuristic.
-
-    Returns:
-        The ``(n, n)`` float64 kernel matrix and the bandwidth used.
+        embeddings: ``(n, d)``.
+        bandwidth: ``sigma``; ``None`` uses the median heuristic (:func:`median_distance`).
     """
-    d2 = squared_distances(x)
-    sigma = median_bandwidth(d2) if bandwidth is None else float(bandwidth)
-    d2 *= -1.0 / (2.0 * sigma * sigma)
-    return np.exp(d2, out=d2), sigma
+
+    def __init__(self, embeddings: np.ndarray, bandwidth: float | None = None) -> None:
+        self.x = _as_rows(embeddings)
+        self.n, self.sq = self.x.shape[0], squared_norms(self.x)
+        self.sigma = median_distance(self.x) if bandwidth is None else float(bandwidth)
+        self.diagonal = np.ones(self.n)
+        self.colsum = np.zeros(self.n)
+        for start in range(0, self.n, BLOCK_ROWS):
+            self.colsum += self.rows(np.arange(start, min(start + BLOCK_ROWS, self.n))).sum(axis=0)
+
+    def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``(len(indices), n)``: the kernel rows of the given examples."""
+        d2 = squared_distances(self.x, self.sq, np.asarray(indices, dtype=np.int64).reshape(-1))
+        d2 *= -1.0 / (2.0 * self.sigma * self.sigma)
+        return np.exp(d2, out=d2)
 
 
 # --------------------------------------------------------------------------- MMD-critic
@@ -77,7 +144,7 @@ def j_b(kernel: np.ndarray, selected: Sequence[int]) -> float:
     return float(2.0 * kernel[:, s].sum() / (n * s.size) - kernel[np.ix_(s, s)].sum() / s.size**2)
 
 
-def mmd_prototypes(kernel: np.ndarray, m: int) -> Picked:
+def mmd_prototypes(kernel: RbfKernel, m: int) -> Picked:
     """Greedy maximisation of ``J_b(S)`` (paper 000, equation 3; Kim et al. 2016, eq. 4).
 
     Adding ``c`` to ``S`` (``|S| = s``) gives
@@ -88,11 +155,11 @@ def mmd_prototypes(kernel: np.ndarray, m: int) -> Picked:
     Returns:
         Indices in the order picked and ``J_b`` of the prototype set after each pick.
     """
-    n = kernel.shape[0]
+    n = kernel.n
     m = min(m, n)
-    colsum = kernel.sum(axis=0)
+    colsum = kernel.colsum
     colterm = 2.0 * colsum / n
-    diag = np.diagonal(kernel).copy()
+    diag = kernel.diagonal
     to_selected = np.zeros(n)
     free = np.ones(n, dtype=bool)
     picked, values = np.empty(m, dtype=np.int64), np.empty(m)
@@ -103,27 +170,27 @@ def mmd_prototypes(kernel: np.ndarray, m: int) -> Picked:
         c = int(np.argmax(gain))
         cross += colsum[c]
         within += 2.0 * to_selected[c] + diag[c]
-        to_selected += kernel[c]
+        to_selected += kernel.rows([c])[0]
         free[c] = False
         picked[s] = c
         values[s] = 2.0 * cross / (n * (s + 1)) - within / (s + 1) ** 2
     return picked, values
 
 
-def witness(kernel: np.ndarray, prototypes: Sequence[int]) -> np.ndarray:
+def witness(kernel: RbfKernel, prototypes: Sequence[int]) -> np.ndarray:
     """Witness function of MMD-critic (Kim et al. 2016, section 3) at every example.
 
     ``w(x) = 1/n sum_i k(x, x_i) - 1/|S| sum_{j in S} k(x, x_j)``: positive where the data
     are denser than the prototypes, negative where the prototypes over-represent.
     """
     s = np.asarray(prototypes, dtype=np.int64)
-    data_term = kernel.mean(axis=0)
+    data_term = kernel.colsum / kernel.n
     if s.size == 0:
         return data_term
-    return data_term - kernel[s].mean(axis=0)
+    return data_term - kernel.rows(s).mean(axis=0)
 
 
-def mmd_criticisms(kernel: np.ndarray, prototypes: Sequence[int], m: int, lam: float) -> Picked:
+def mmd_criticisms(kernel: RbfKernel, prototypes: Sequence[int], m: int, lam: float) -> Picked:
     """Greedy criticisms: maximise ``sum_{c in C} |w(c)| + lam * log det K_{C,C}``.
 
     Kim et al. 2016, equation 5, with the log-determinant diversity regulariser weighted
@@ -135,12 +202,12 @@ def mmd_criticisms(kernel: np.ndarray, prototypes: Sequence[int], m: int, lam: f
     Returns:
         Indices in the order picked and their (signed) witness values.
     """
-    n = kernel.shape[0]
+    n = kernel.n
     w = witness(kernel, prototypes)
     free = np.ones(n, dtype=bool)
     free[np.asarray(prototypes, dtype=np.int64)] = False
     m = min(m, int(free.sum()))
-    schur = np.diagonal(kernel).copy()
+    schur = kernel.diagonal.copy()
     rows = np.empty((m, n))  # row t: (L^-1 K_{C,:})[t], C the first t + 1 picks
     picked = np.empty(m, dtype=np.int64)
     tiny = np.finfo(np.float64).tiny
@@ -149,7 +216,7 @@ def mmd_criticisms(kernel: np.ndarray, prototypes: Sequence[int], m: int, lam: f
         gain[~free] = -np.inf
         c = int(np.argmax(gain))
         pivot = np.sqrt(max(schur[c], tiny))
-        rows[t] = (kernel[c] - rows[:t, c] @ rows[:t]) / pivot
+        rows[t] = (kernel.rows([c])[0] - rows[:t, c] @ rows[:t]) / pivot
         schur -= rows[t] ** 2
         free[c] = False
         picked[t] = c
@@ -168,10 +235,10 @@ def mmd_critic(
     Returns:
         ``(prototypes, J_b values)``, ``(criticisms, witness values)`` and the bandwidth.
     """
-    kernel, sigma = rbf_kernel(embeddings, bandwidth)
+    kernel = RbfKernel(embeddings, bandwidth)
     prototypes = mmd_prototypes(kernel, n_prototypes)
     criticisms = mmd_criticisms(kernel, prototypes[0], n_criticisms, lam)
-    return prototypes, criticisms, sigma
+    return prototypes, criticisms, kernel.sigma
 
 
 # --------------------------------------------------------------------------- baselines

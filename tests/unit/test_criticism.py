@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -36,13 +37,39 @@ def test_selection_package_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _dense(kernel: sel.RbfKernel) -> np.ndarray:
+    return kernel.rows(np.arange(kernel.n))
+
+
 def test_rbf_kernel_and_median_heuristic() -> None:
     x = _embeddings(20)
-    kernel, sigma = sel.rbf_kernel(x)
+    kernel = sel.RbfKernel(x)
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-    assert sigma == pytest.approx(np.median(d[np.triu_indices(20, 1)]))
-    assert np.allclose(kernel, np.exp(-(d**2) / (2 * sigma**2)))
-    assert sel.rbf_kernel(x, bandwidth=2.0)[1] == 2.0
+    assert kernel.sigma == pytest.approx(np.median(d[np.triu_indices(20, 1)]))
+    assert np.allclose(_dense(kernel), np.exp(-(d**2) / (2 * kernel.sigma**2)))
+    assert np.allclose(kernel.colsum, _dense(kernel).sum(0)) and np.all(kernel.diagonal == 1.0)
+    assert sel.RbfKernel(x, bandwidth=2.0).sigma == 2.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 257, 600, 601])
+def test_median_distance_is_exact_across_blocks(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sel, "BLOCK_ROWS", 64)  # many blocks, and rows that end inside one
+    x = np.random.default_rng(n).normal(size=(n, 7)) * np.r_[1.0, 10.0, 0.1, 1, 1, 1, 1]
+    x[:3] = x[0]  # ties and zero distances
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(n, 1)]
+    expected = np.median(d) if np.median(d) > 0 else 1.0
+    assert sel.median_distance(x) == pytest.approx(expected, rel=1e-12)
+
+
+def test_large_class_in_bounded_memory() -> None:
+    """MMD-critic on 6,000 embeddings without the 288 MB kernel matrix (or its temporaries)."""
+    x = np.random.default_rng(0).normal(size=(6000, 16))
+    tracemalloc.start()
+    (protos, _), (crits, _), sigma = sel.mmd_critic(x, 5, 5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 120e6, f"peak {peak / 1e6:.0f} MB"
+    assert len(set(protos) | set(crits)) == 10 and sigma > 0
 
 
 def _greedy_prototypes_brute_force(kernel: np.ndarray, m: int) -> tuple[list[int], list[float]]:
@@ -57,9 +84,9 @@ def _greedy_prototypes_brute_force(kernel: np.ndarray, m: int) -> tuple[list[int
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_prototypes_equal_brute_force_greedy_j_b(seed: int) -> None:
-    kernel, _ = sel.rbf_kernel(_embeddings(seed=seed))
+    kernel = sel.RbfKernel(_embeddings(seed=seed))
     picked, values = sel.mmd_prototypes(kernel, 8)
-    expected, expected_values = _greedy_prototypes_brute_force(kernel, 8)
+    expected, expected_values = _greedy_prototypes_brute_force(_dense(kernel), 8)
     assert picked.tolist() == expected
     assert np.allclose(values, expected_values)
 
@@ -84,19 +111,19 @@ def _criticisms_brute_force(kernel: np.ndarray, protos: list[int], m: int, lam: 
 
 @pytest.mark.parametrize("lam", [1e-5, 0.05, 1.0])
 def test_criticisms_equal_brute_force_with_log_determinant(lam: float) -> None:
-    kernel, _ = sel.rbf_kernel(_embeddings(seed=3))
+    kernel = sel.RbfKernel(_embeddings(seed=3))
     protos = sel.mmd_prototypes(kernel, 5)[0].tolist()
     picked, witness = sel.mmd_criticisms(kernel, protos, 7, lam)
-    assert picked.tolist() == _criticisms_brute_force(kernel, protos, 7, lam)
-    assert np.allclose(witness, (kernel.mean(0) - kernel[protos].mean(0))[picked])
+    dense = _dense(kernel)
+    assert picked.tolist() == _criticisms_brute_force(dense, protos, 7, lam)
+    assert np.allclose(witness, (dense.mean(0) - dense[protos].mean(0))[picked])
     assert not set(picked) & set(protos)
 
 
 def test_diversity_regulariser_avoids_duplicates() -> None:
     x = _embeddings(40, seed=4)
     x = np.concatenate([x, x[:1] + 1e-9, x[:1] + 2e-9, np.full((1, 5), 40.0)])  # near-copies and an outlier
-    kernel, _ = sel.rbf_kernel(x)
-    picked, _ = sel.mmd_criticisms(kernel, [], 3, lam=1.0)
+    picked, _ = sel.mmd_criticisms(sel.RbfKernel(x), [], 3, lam=1.0)
     assert len({tuple(np.round(x[i], 6)) for i in picked}) == 3
 
 
