@@ -291,7 +291,8 @@ def _forward(
     With ``need_grad`` the leaf is a fresh ``requires_grad`` copy of ``x`` so that
     ``torch.autograd.grad(loss, leaf)`` gives input gradients only (no parameter ``.grad``).
     Without, the logits come from the fused inference copy, as the prediction task's do
-    (:func:`~handlers.models.derived.inference_logits`; about half a plain forward pass).
+    (:func:`~handlers.models.derived.inference_logits`: batch norm folded, and oneDNN's
+    channels-last kernels where the batch is large enough to get them).
     """
     leaf = x.detach()
     if not need_grad:
