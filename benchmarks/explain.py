@@ -286,7 +286,7 @@ def measure_method(
 
     def floor_ms() -> float:
         costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats, kind, len(images))
-        if args.batch_size is None and counts.batch_size is None:  # the floor's best, for all arms
+        if counts.batch_size is None:  # no --batch-size: the floor's best, for all arms
             counts.batch_size = best_batch_size(costs, samples)
         return floor(costs, samples)
 

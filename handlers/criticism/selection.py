@@ -58,9 +58,9 @@ def squared_distances(x: np.ndarray, sq: np.ndarray, rows: np.ndarray, columns: 
     return d2
 
 
-def _upper_triangle_blocks(x: np.ndarray):  # noqa: ANN202 - a generator of arrays
+def _upper_triangle_blocks(x: np.ndarray, sq: np.ndarray):  # noqa: ANN202 - a generator of arrays
     """The squared distances ``||x_i - x_j||^2`` for ``i < j``, a block of rows at a time."""
-    n, sq = x.shape[0], squared_norms(x)
+    n = x.shape[0]
     for start in range(0, n - 1, BLOCK_ROWS):
         rows = np.arange(start, min(start + BLOCK_ROWS, n - 1))
         d2 = squared_distances(x, sq, rows, slice(start, n))
@@ -81,17 +81,18 @@ def median_distance(embeddings: np.ndarray) -> float:
         return 1.0
     pairs = n * (n - 1) // 2
     middle = ((pairs - 1) // 2, pairs // 2)  # the order statistics numpy.median averages
-    radius = np.sqrt(np.einsum("ij,ij->i", x - x.mean(axis=0), x - x.mean(axis=0)).max())
+    sq = squared_norms(x)
+    radius = np.sqrt(squared_norms(x - x.mean(axis=0)).max())
     top = (2.0 * radius) ** 2 * (1.0 + 1e-9)  # >= every squared distance
     if not top > 0 or not np.isfinite(HISTOGRAM_BINS / top):
         return 1.0  # all examples (numerically) equal
     scale = HISTOGRAM_BINS / top
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-    for d2 in _upper_triangle_blocks(x):
+    for d2 in _upper_triangle_blocks(x, sq):
         counts += np.bincount(np.minimum(d2 * scale, HISTOGRAM_BINS - 1).astype(np.int64), minlength=HISTOGRAM_BINS)
     first, last = (int(np.searchsorted(np.cumsum(counts), k, side="right")) for k in middle)
     kept, below = [], 0  # the values in bins first..last, and how many lie in lower bins
-    for d2 in _upper_triangle_blocks(x):
+    for d2 in _upper_triangle_blocks(x, sq):
         bins = np.minimum(d2 * scale, HISTOGRAM_BINS - 1).astype(np.int64)
         kept.append(d2[(bins >= first) & (bins <= last)])
         below += int(np.count_nonzero(bins < first))
