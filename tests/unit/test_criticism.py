@@ -41,7 +41,9 @@ def _dense(kernel: sel.RbfKernel) -> np.ndarray:
     return kernel.rows(np.arange(kernel.n))
 
 
-def test_rbf_kernel_and_median_heuristic() -> None:
+@pytest.mark.parametrize("block_rows", [256, 7])
+def test_rbf_kernel_and_median_heuristic(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sel, "BLOCK_ROWS", block_rows)  # one block, or the triangle in pieces
     x = _embeddings(20)
     kernel = sel.RbfKernel(x)
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
@@ -59,6 +61,38 @@ def test_median_distance_is_exact_across_blocks(n: int, monkeypatch: pytest.Monk
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(n, 1)]
     expected = np.median(d) if np.median(d) > 0 else 1.0
     assert sel.median_distance(x) == pytest.approx(expected, rel=1e-12)
+
+
+def _median_of_all_distances(x: np.ndarray) -> float:
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)]
+    return float(np.median(d))
+
+
+def test_median_distance_when_the_sampled_bracket_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample whose bracket holds neither middle value: a pass over all pairs instead."""
+    x = np.random.default_rng(1).normal(size=(700, 5))
+    monkeypatch.setattr(sel, "_sampled_bracket", lambda *_: (0.0, 1e-300))
+    assert sel.median_distance(x) == pytest.approx(_median_of_all_distances(x), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["spread", "equal"])
+def test_median_distance_narrows_a_full_bracket(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More values in the bracket than a pass may keep: histograms narrow it, still exact,
+    also when most distances are equal (up to rounding: the corners of a simplex)."""
+    monkeypatch.setattr(sel, "KEPT_VALUES", 50)
+    monkeypatch.setattr(sel, "BLOCK_ROWS", 64)
+    x = np.random.default_rng(2).normal(size=(700, 5)) if kind == "spread" else 3.0 * np.eye(300)
+    assert sel.median_distance(x) == pytest.approx(_median_of_all_distances(x), rel=1e-12)
+
+
+def test_median_distance_of_mostly_equal_examples_is_the_fallback() -> None:
+    """Over half the pairs identical: the median distance is 0, so the heuristic gives 1.0
+    (not the rounding noise of ``|a|^2 + |b|^2 - 2 a.b`` between equal rows)."""
+    x = np.random.default_rng(3).normal(size=(400, 4)) * 5.0
+    x[:300] = x[0]
+    assert sel.median_distance(x) == 1.0
+    x[:150] = x[350]  # now under half the pairs are equal: a true distance
+    assert sel.median_distance(x) == pytest.approx(_median_of_all_distances(x), rel=1e-12)
 
 
 def test_large_class_in_bounded_memory() -> None:
