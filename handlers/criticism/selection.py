@@ -42,7 +42,7 @@ BRACKET_SPREAD = 5.0
 
 MEDIAN_SAMPLE = (1 << 12, 1 << 18)
 """Fewest and most pairs drawn (seeded) to bracket the median before the pass over all
-pairs; between them, enough that the bracket holds about a quarter of :data:`KEPT_VALUES`."""
+pairs; between them, enough that the bracket holds about an eighth of :data:`KEPT_VALUES`."""
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
