@@ -8,7 +8,8 @@
   image upsampled; the demo network is fully convolutional), with the literal Algorithm 2's
   time estimated as candidates x one sequential APEM.
 * MMD-critic on 2,000 embeddings vs a straightforward port of the reference code, which
-  recomputes the sums over the selected set and re-inverts ``K_CC`` at every step.
+  recomputes the sums over the selected set and re-inverts ``K_CC`` at every step, timed as
+  an RQ worker runs it (:mod:`benchmarks.mmd`).
 
     python -m benchmarks.adversarial                   # CPU, full grid
     python -m benchmarks.adversarial --quick           # coarse APEM grid, fewer images
@@ -19,6 +20,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.markdown import table
 from handlers.allocator import retain_freed_memory
 from handlers.attacks import get_attack
-from handlers.criticism import selection as sel
 from handlers.explainers import explain
 from handlers.metrics.apem import ApemParams, apem, directed, loss_gradient_sign
 from handlers.metrics.explanation_filter import explanation_filter
@@ -70,14 +74,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> t
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best, result
-
-
-def table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
 # --------------------------------------------------------------------------- attacks
@@ -179,47 +175,15 @@ def bench_filter(model: PixelClassifier, x: torch.Tensor, grid: dict, device: to
 
 
 # --------------------------------------------------------------------------- MMD
-def reference_port(x: np.ndarray, m_protos: int, m_crits: int, sigma: float, lam: float) -> tuple[list[int], list[int]]:
-    """A straightforward port of the reference MMD-critic code's loops (Kim et al. 2016)."""
-    from sklearn.metrics.pairwise import rbf_kernel
-
-    kernel = rbf_kernel(x, gamma=1.0 / (2 * sigma**2))
-    n = kernel.shape[0]
-    colsum, diag = 2 * kernel.sum(0) / n, np.diagonal(kernel)
-    protos: list[int] = []
-    for _ in range(m_protos):
-        candidates = np.setdiff1d(np.arange(n), protos)
-        score = colsum[candidates] - diag[candidates]
-        if protos:
-            score = colsum[candidates] - (2 * kernel[protos, :][:, candidates].sum(0) + diag[candidates]) / (len(protos) + 1)
-        protos.append(int(candidates[np.argmax(score)]))
-    crits: list[int] = []
-    witness_all = kernel.sum(0) / n - kernel[protos, :].sum(0) / len(protos)
-    inverse = None
-    for _ in range(m_crits):
-        candidates = np.setdiff1d(np.setdiff1d(np.arange(n), protos), crits)
-        score = np.abs(witness_all[candidates])
-        if inverse is None:
-            score = score + lam * np.log(np.abs(diag[candidates]))
-        else:
-            cross = kernel[crits, :][:, candidates]
-            score = score + lam * np.log(np.abs(diag[candidates] - ((inverse @ cross) * cross).sum(0)))
-        crits.append(int(candidates[np.argmax(score)]))
-        inverse = np.linalg.inv(kernel[crits, :][:, crits])
-    return protos, crits
-
-
-def bench_mmd(embeddings: np.ndarray, counts: list[int]) -> None:
-    sigma = sel.median_distance(embeddings)
-    t_median, _ = timed(lambda: sel.median_distance(embeddings), torch.device("cpu"), 3)
-    rows = []
-    for m in counts:
-        t_ours, ours = timed(lambda m=m: sel.mmd_critic(embeddings, m, m, bandwidth=sigma), torch.device("cpu"), 3)
-        t_ref, ref = timed(lambda m=m: reference_port(embeddings, m, m, sigma, 1e-5), torch.device("cpu"), 3 if m < 100 else 1)
-        same = ours[0][0].tolist() == ref[0] and ours[1][0].tolist() == ref[1]  # type: ignore[index]
-        rows.append([m, 1000 * t_ours, 1000 * t_ref, t_ref / t_ours, same])
-    n, d = embeddings.shape
-    table(f"MMD-critic, {n} embeddings of dimension {d} (median-heuristic bandwidth: {1000 * t_median:.0f} ms more)", ["m prototypes = m criticisms", "ours ms", "reference port ms", "speed-up", "same selection"], rows)
+def bench_mmd_as_a_worker_runs_it(embeddings: np.ndarray, counts: list[int]) -> None:
+    """Time MMD-critic in a fresh numpy-only process (:mod:`benchmarks.mmd`): an RQ worker
+    runs it without torch and with glibc's default ``malloc`` settings, and this process
+    has neither (per-block temporaries cost 2.5x more there than here)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "embeddings.npy"
+        np.save(path, embeddings)
+        sys.stdout.flush()
+        subprocess.run([sys.executable, "-m", "benchmarks.mmd", str(path), "--counts", *map(str, counts)], check=True)
 
 
 def embeddings_of(model: PixelClassifier, pool: np.ndarray, device: torch.device) -> np.ndarray:
@@ -265,7 +229,7 @@ def main() -> None:
     if "filter" in args.sections:
         bench_filter(model, x, grid, device, args.filter_sizes)
     if "mmd" in args.sections:
-        bench_mmd(embeddings_of(model, data["pool"], device), [6, 50, 200])
+        bench_mmd_as_a_worker_runs_it(embeddings_of(model, data["pool"], device), [6, 50, 200])
 
 
 if __name__ == "__main__":
