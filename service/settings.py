@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     worker_maintenance_interval_s: int = Field(15, ge=1)
     worker_ttl_s: int = Field(30, ge=20)
     embed_batch_size: int = Field(32, ge=1)
+    embed_concurrency: int = Field(1, ge=1, le=64)
 
     # --- upload and decoding limits
     max_upload_bytes: int = Field(10 * MIB, ge=1024)

@@ -119,6 +119,7 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
             readers,
             settings.embed_batch_size,
             set_progress,
+            settings.embed_concurrency,
         )
     try:
         selection = run_selection(spec["method"], inputs, params, int(spec["m"]))

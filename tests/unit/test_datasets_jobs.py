@@ -148,10 +148,19 @@ def test_criticism_job_lifecycle(
     assert status["status"] == "finished" and status["progress"] == 1.0 and status["ended_at"]
     result = client.get(f"/v1/jobs/{job_id}/result").json()
     assert len(result["criticisms"]) == 2 and result["n_candidates"] == 7
-    # idempotent: the same job again gives the same selection
+    # idempotent: the same job again gives the same selection, also with its TorchServe
+    # calls in batches of 2 (the fake's answers depend on the batch) three at a time
     again = client.post("/v1/jobs", json=job).json()["job_id"]
     run_worker(settings, monkeypatch)
     assert client.get(f"/v1/jobs/{again}/result").json()["criticisms"] == result["criticisms"]
+    batches = []
+    for concurrency in (1, 3):
+        split = settings.model_copy(update={"embed_batch_size": 2, "embed_concurrency": concurrency})
+        batches.append(client.post("/v1/jobs", json=job).json()["job_id"])
+        run_worker(split, monkeypatch)
+    assert len({job_id, again, *batches}) == 4  # four runs, not one result served again
+    one, three = (client.get(f"/v1/jobs/{j}/result").json() for j in batches)
+    assert one["criticisms"] == three["criticisms"] and one["prototypes"] == three["prototypes"]
 
 
 def test_filter_job_and_failures(
