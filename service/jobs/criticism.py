@@ -82,22 +82,28 @@ def class_index(described: DescribeResult, class_name: str, params: dict[str, An
 
 def in_flight(fetch: Callable[[int], T], keys: Iterable[int], concurrency: int) -> Iterator[tuple[int, T]]:
     """``(key, fetch(key))`` for every key, in order, with at most ``concurrency`` calls
-    running at once (threads: the calls wait on TorchServe). A call that raises stops the
-    iteration; calls not yet started are cancelled, running ones finish."""
+    running at once (threads: the calls wait on TorchServe; one runs in the caller's thread).
+
+    A call that raises, or an exception in the caller (RQ's job timeout), stops the
+    iteration at once: calls not started are cancelled and running ones are not waited for.
+    """
+    if concurrency <= 1:
+        for key in keys:
+            yield key, fetch(key)
+        return
+    pool = ThreadPoolExecutor(max_workers=concurrency)
     pending: deque[tuple[int, Future[T]]] = deque()
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        try:
-            for key in keys:
-                pending.append((key, pool.submit(fetch, key)))
-                if len(pending) >= concurrency:
-                    key, future = pending.popleft()
-                    yield key, future.result()
-            while pending:
-                key, future = pending.popleft()
-                yield key, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+    try:
+        for key in keys:
+            pending.append((key, pool.submit(fetch, key)))
+            if len(pending) >= concurrency:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def gather_inputs(

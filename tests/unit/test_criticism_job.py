@@ -41,8 +41,29 @@ def test_results_come_in_order_with_a_bounded_number_of_calls_in_flight(concurre
     assert fetch.most == concurrency and sorted(fetch.started) == list(range(12))
 
 
-def test_a_failed_call_stops_the_rest() -> None:
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_failed_call_stops_the_rest(concurrency: int) -> None:
     fetch = RecordingFetch(fail_at=3)
     with pytest.raises(RuntimeError, match="said no"):
-        list(in_flight(fetch, range(100), 2))
-    assert max(fetch.started) <= 5  # the failed call and the one or two in flight beside it
+        list(in_flight(fetch, range(100), concurrency))
+    time.sleep(0.1)  # let a call that was running finish
+    assert max(fetch.started) <= 3 + concurrency  # the failed call and those in flight beside it
+
+
+def test_the_caller_is_not_kept_waiting_by_running_calls() -> None:
+    """An exception in the caller (RQ's job timeout) leaves at once, not after the call."""
+    running, slow = threading.Event(), threading.Event()
+
+    def fetch(key: int) -> int:
+        if key == 1:
+            running.set()
+            slow.wait(5)
+        return key
+
+    results = in_flight(fetch, range(4), 2)
+    assert next(results) == (0, 0)
+    assert running.wait(5)  # call 1 is running, not merely queued (a queued one is cancelled)
+    start = time.perf_counter()
+    results.close()  # what an exception raised in the consuming loop does to the generator
+    assert time.perf_counter() - start < 1.0
+    slow.set()
