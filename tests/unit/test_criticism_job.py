@@ -13,11 +13,13 @@ from service.jobs.criticism import in_flight
 class RecordingFetch:
     """A stand-in for one TorchServe call: records how many run at once and which started."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, together: int = 1) -> None:
         self.lock = threading.Lock()
         self.running, self.most = 0, 0
         self.started: list[int] = []
         self.fail_at = fail_at
+        self.first = threading.Barrier(together, timeout=5)  # the first calls meet here
+        self.together = together
 
     def __call__(self, key: int) -> int:
         with self.lock:
@@ -25,6 +27,8 @@ class RecordingFetch:
             self.most = max(self.most, self.running)
             self.started.append(key)
         try:
+            if key < self.together:
+                self.first.wait()  # breaks (fails the test) unless they all run at once
             time.sleep(0.03 if key % 3 == 0 else 0.01)  # later calls often finish first
             if key == self.fail_at:
                 raise RuntimeError("TorchServe said no")
@@ -36,7 +40,7 @@ class RecordingFetch:
 
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_results_come_in_order_with_a_bounded_number_of_calls_in_flight(concurrency: int) -> None:
-    fetch = RecordingFetch()
+    fetch = RecordingFetch(together=concurrency)
     assert list(in_flight(fetch, range(12), concurrency)) == [(k, k * k) for k in range(12)]
     assert fetch.most == concurrency and sorted(fetch.started) == list(range(12))
 
