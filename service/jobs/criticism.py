@@ -82,7 +82,8 @@ def class_index(described: DescribeResult, class_name: str, params: dict[str, An
 
 def in_flight(fetch: Callable[[int], T], keys: Iterable[int], concurrency: int) -> Iterator[tuple[int, T]]:
     """``(key, fetch(key))`` for every key, in order, with at most ``concurrency`` calls
-    running at once (threads: the calls wait on TorchServe; one runs in the caller's thread).
+    running at once: on threads (the calls wait on TorchServe), or one after another in
+    the caller's thread when ``concurrency`` is 1.
 
     A call that raises, or an exception in the caller (RQ's job timeout), stops the
     iteration at once: calls not started are cancelled and running ones are not waited for.
