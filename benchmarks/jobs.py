@@ -65,7 +65,7 @@ def run_job(api: httpx.Client, dataset: str, method: str) -> None:
     job = {"type": "criticism", "model": MODEL, "dataset_id": dataset, "class_name": "all",
            "method": method, "m": 6, "params": {}}  # fmt: skip
     job_id = api.post("/v1/jobs", json=job).json()["job_id"]
-    while (status := api.get(f"/v1/jobs/{job_id}").json()["status"]) not in ("finished", "failed"):
+    while (status := api.get(f"/v1/jobs/{job_id}").json()["status"]) not in ("finished", "failed", "canceled"):
         time.sleep(0.05)
     if status != "finished":
         raise SystemExit(f"{method} job {job_id} {status}")
