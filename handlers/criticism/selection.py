@@ -89,6 +89,13 @@ class PairwiseBlocks:
         terms, each at most ``4 |alpha| max |x_i - mean|^2``; smaller values mean 0."""
         return 4.0 * self.left.shape[1] * np.finfo(np.float64).eps * abs(self.alpha) * self.largest_norm_squared
 
+    def pairs(self, i: np.ndarray, j: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """The values of the pairs ``(i[k], j[k])`` (not clipped), ``chunk`` pairs at a time."""
+        return np.concatenate([
+            np.einsum("ij,ij->i", self.left[i[s : s + chunk]], self.right[j[s : s + chunk]])
+            for s in range(0, len(i), chunk)
+        ])
+
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """``(len(indices), n)``: the values of the given rows (a new array)."""
         return self._finish(self.left[indices] @ self.right.T, indices, 0)
@@ -176,11 +183,7 @@ def _sampled_bracket(pairs: PairwiseBlocks, count: int, ranks: tuple[int, int]) 
     i = rng.integers(0, pairs.n, size)
     j = rng.integers(0, pairs.n - 1, size)
     j += j >= i  # a uniform distinct pair
-    sample = np.concatenate([
-        np.einsum("ij,ij->i", pairs.left[i[s : s + 8192]], pairs.right[j[s : s + 8192]])
-        for s in range(0, size, 8192)
-    ])
-    sample.sort()
+    sample = np.sort(pairs.pairs(i, j))
     spread = BRACKET_SPREAD * np.sqrt(size) / 2.0
     centre = (ranks[0] + 0.5) / count * size
     lo = sample[max(0, int(centre - spread))]
