@@ -88,9 +88,10 @@ class PredictRequest(_Strict):
     top_k: int = Field(5, ge=1)
 
 
-class ExplainRequest(_Strict):
-    task: Literal["explain"] = "explain"
-    image: ImageData
+class ExplainOptions(_Strict):
+    """What to explain and how, apart from the image (an explain request, or the
+    explanation an attack request asks for of its adversarial image)."""
+
     method: str
     target: int | None = Field(None, description="class to explain; default: the predicted class")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -103,13 +104,23 @@ class ExplainRequest(_Strict):
     apem_params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExplainRequest(ExplainOptions):
+    task: Literal["explain"] = "explain"
+    image: ImageData
+
+
 class AttackRequest(_Strict):
     task: Literal["attack"] = "attack"
     image: ImageData
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    explain_method: str | None = Field(
-        None, description="also explain the adversarial image for its new class"
+    explanation: ExplainOptions | None = Field(
+        None,
+        description="also explain the adversarial image (paper 000, figure 5); the default "
+        "target is its adversarial class",
+    )
+    adversarial_array: bool = Field(
+        False, description="also return the adversarial image as float32 (the PNG has 8 bits)"
     )
 
 
@@ -213,12 +224,19 @@ class AttackResult(_Result):
     linf: float
     l2: float
     adversarial_png: str
+    png_prediction: ClassScore = Field(
+        description="prediction of adversarial_png as delivered (rounded to 8 bits per channel)"
+    )
     perturbation_png: str
+    adversarial_array: EncodedArray | None = None
     explanation: ExplainResult | None = None
 
 
 class ApemResult(_Result, ApemScore):
     method: str | None = None
+    method_params: dict[str, Any] = Field(
+        default_factory=dict, description="the explainer's parameters (none for a given map)"
+    )
     target: int
 
 

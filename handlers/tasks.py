@@ -27,13 +27,12 @@ from PIL import Image
 from handlers import contract, visualization
 from handlers.arrays import InvalidArray, decode_array, encode_array
 from handlers.attacks import AttackBatchResult, available_attacks, get_attack
-from handlers.attacks.pictures import adversarial_png, perturbation_png
+from handlers.attacks.pictures import adversarial_png, as_delivered, perturbation_png
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
-from handlers.png import png_bytes
 from handlers.spec import ModelSpec
 from handlers.validation import InvalidParameter, UnknownMethod
 
@@ -240,24 +239,28 @@ class TaskRunner:
 
     def explain(self, request: contract.ExplainRequest) -> contract.ExplainResult:
         start = time.perf_counter()
-        x = self.tensor(request.image)
-        check_colormap(request.colormap)
-        explanation = self._explanation(x, request.method, request.params, request.target)
+        return self._explain_pixels(self.tensor(request.image), request, start)
+
+    def _explain_pixels(self, x: torch.Tensor, options: contract.ExplainOptions,
+                        start: float) -> contract.ExplainResult:
+        """Explain a ``(1, 3, S, S)`` pixel tensor as ``options`` say."""
+        check_colormap(options.colormap)
+        explanation = self._explanation(x, options.method, options.params, options.target)
         target = int(explanation.targets[0])
         probs = self.probabilities(x)[0]
         predicted = int(probs.argmax())
-        stage_map = visualization.to_stage(explanation.relevance, x, request.stage)
+        stage_map = visualization.to_stage(explanation.relevance, x, options.stage)
         # APEM needs a map in [0, 1] of pixel relevance: stage 1 (signed) is scored as stage 2
-        score_map = stage_map if request.stage != 1 else visualization.to_stage(explanation.relevance, x, 2)
-        outputs = set(request.outputs)
+        score_map = stage_map if options.stage != 1 else visualization.to_stage(explanation.relevance, x, 2)
+        outputs = set(options.outputs)
         image = x[0].cpu()
-        pictures = self._pictures(outputs, explanation, stage_map[0].cpu(), image, request.colormap)
+        pictures = self._pictures(outputs, explanation, stage_map[0].cpu(), image, options.colormap)
         return contract.ExplainResult(
-            method=explanation.method, params=explanation.params, target=target, stage=request.stage,
+            method=explanation.method, params=explanation.params, target=target, stage=options.stage,
             prediction=self.class_score(predicted, float(probs[predicted])),
             relevance=encode_array(stage_map[0].cpu().numpy()) if "relevance" in outputs else None,
             extras=self._extras(explanation),
-            apem=self._score(x, score_map, target, request.apem_params) if request.score == "apem" else None,
+            apem=self._score(x, score_map, target, options.apem_params) if options.score == "apem" else None,
             **pictures, **self._stamp(start),
         )
 
@@ -311,12 +314,15 @@ class TaskRunner:
             score_map = torch.from_numpy(array).unsqueeze(0).to(self.device)
             target = int(self.probabilities(x)[0].argmax()) if request.target is None else request.target
             self._targets(target)
+            method_params: dict[str, Any] = {}
         else:
             explanation = self._explanation(x, str(request.method), request.params, request.target)
             target = int(explanation.targets[0])
             score_map = visualization.to_stage(explanation.relevance, x, 2)
+            method_params = explanation.params
         score = self._score(x, score_map, target, request.apem_params)
-        return contract.ApemResult(method=request.method, target=target, **score.model_dump(), **self._stamp(start))
+        return contract.ApemResult(method=request.method, method_params=method_params, target=target,
+                                   **score.model_dump(), **self._stamp(start))
 
     # ------------------------------------------------------------------ attacks
     def _attack(self, method: str, params: dict[str, Any], x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:
@@ -332,12 +338,15 @@ class TaskRunner:
         x = self.tensor(request.image)
         result, params = self._attack(request.method, request.params, x)
         record = result.record(0)
+        adversarial = result.adversarial[:1].to(self.device)
+        png_probs = self.probabilities(as_delivered(adversarial))[0]
+        png_class = int(png_probs.argmax())
         explanation = None
-        if request.explain_method:
-            explanation = self.explain(contract.ExplainRequest(
-                image=png_b64(png_bytes(result.adversarial[0].permute(1, 2, 0).numpy())),
-                method=request.explain_method, target=int(result.predictions[0]),
-            ))
+        if request.explanation is not None:
+            options = request.explanation
+            if options.target is None:  # paper 000, figure 5: the adversarial image for its new class
+                options = options.model_copy(update={"target": record["prediction"]})
+            explanation = self._explain_pixels(adversarial, options, time.perf_counter())
         return contract.AttackResult(
             method=request.method, params=params,
             original=self.class_score(record["clean_prediction"], record["clean_confidence"]),
@@ -345,7 +354,9 @@ class TaskRunner:
             success=record["success"], steps_to_flip=record["steps_to_flip"],
             linf=record["linf"], l2=record["l2"],
             adversarial_png=png_b64(adversarial_png(result.adversarial[0])),
+            png_prediction=self.class_score(png_class, float(png_probs[png_class])),
             perturbation_png=png_b64(perturbation_png(x[0].cpu(), result.adversarial[0])),
+            adversarial_array=encode_array(result.adversarial[0].numpy()) if request.adversarial_array else None,
             explanation=explanation, **self._stamp(start),
         )
 

@@ -22,6 +22,16 @@ def adversarial_png(adversarial: torch.Tensor) -> bytes:
     return png_bytes(_hwc(adversarial.clamp(0.0, 1.0)))
 
 
+def as_delivered(adversarial: torch.Tensor) -> torch.Tensor:
+    """What :func:`adversarial_png` stores: pixels rounded to 8 bits per channel.
+
+    Steps below half an 8-bit level (paper 000's 0.001 is a quarter of one) are partly lost
+    in the PNG, so an image that flipped may not flip once saved; the service reports the
+    prediction of this rounded image beside the exact one.
+    """
+    return torch.round(adversarial.clamp(0.0, 1.0) * 255) / 255
+
+
 def perturbation_png(clean: torch.Tensor, adversarial: torch.Tensor, amplify: float | None = None) -> bytes:
     """The perturbation ``adversarial - clean`` made visible: ``0.5 + amplify * delta``.
 

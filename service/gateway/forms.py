@@ -8,12 +8,15 @@ import json
 from typing import Any
 
 import numpy as np
-from fastapi import UploadFile
+from fastapi import Request, UploadFile
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from handlers.contract import DescribeResult, EncodedArray, RawImage
 from service.errors import ApiError
+from service.gateway.deps import ApiKey
 from service.gateway.schemas import AttackParams
 from service.imaging import decode_rgb, header_pixels
 from service.settings import Settings
@@ -46,16 +49,50 @@ async def read_image(upload: UploadFile, settings: Settings) -> RawImage:
     return await run_in_threadpool(_raw_image, data, settings.max_image_pixels)
 
 
-def parse_params(text: str | None) -> dict[str, Any]:
-    """``params`` form field: a JSON object (absent or empty means ``{}``)."""
+def _declared(dependant: Dependant) -> tuple[set[str], set[str]]:
+    """Form field and query parameter names a dependant and its sub-dependants declare."""
+    form = {field.alias for field in dependant.body_params}
+    query = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        sub_form, sub_query = _declared(sub)
+        form |= sub_form
+        query |= sub_query
+    return form, query
+
+
+async def reject_unknown_fields(request: Request, _: ApiKey) -> None:
+    """422 ``unknown_field`` naming form fields or query parameters the route does not take.
+
+    FastAPI ignores them, so a misspelt option (``target_class`` for ``target``) would
+    silently give the default; the client is told instead. Runs after the API key check.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    form, query = _declared(route.dependant)  # a few microseconds
+    sent = await request.form() if request.method == "POST" else {}  # parsed already: cached
+    checks = (("form field", sent.keys(), form), ("query parameter", request.query_params, query))
+    for where, names, known in checks:
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ApiError(
+                422,
+                "unknown_field",
+                f"unknown {where}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"this endpoint takes: {', '.join(sorted(known)) or 'none'}",
+            )
+
+
+def parse_params(text: str | None, field: str = "params") -> dict[str, Any]:
+    """A form field holding a JSON object (absent or empty means ``{}``)."""
     if text is None or not text.strip():
         return {}
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
-        raise ApiError(422, "invalid_params", "`params` is not valid JSON") from None
+        raise ApiError(422, "invalid_params", f"`{field}` is not valid JSON") from None
     if not isinstance(value, dict):
-        raise ApiError(422, "invalid_params", "`params` must be a JSON object")
+        raise ApiError(422, "invalid_params", f"`{field}` must be a JSON object")
     return value
 
 

@@ -65,9 +65,7 @@ class PredictResponse(_Out):
     elapsed_ms: float
 
 
-class ExplainResponse(_Out):
-    model: str
-    version: str
+class Explanation(_Out):
     method: str
     params: dict[str, Any]
     target: int
@@ -76,6 +74,11 @@ class ExplainResponse(_Out):
     relevance: EncodedArray | None = None
     heatmap_png: str | None = None
     overlay_png: str | None = None
+
+
+class ExplainResponse(Explanation):
+    model: str
+    version: str
     apem: ApemScore | None = None
     elapsed_ms: float
 
@@ -85,8 +88,9 @@ class AttackParams(_In):
 
     Every field is optional: what the client leaves out takes the method's own default
     (I-FGSM: paper 000's step 0.001 x 10 steps, no projection; FGSM: one step of 0.01;
-    PGD: 8/255 ball, 2/255 steps, 10 steps, seeded random start), and the response's
-    ``params`` says which values were used. FGSM takes no ``steps``/``step_size``.
+    PGD: 8/255 ball, 2/255 steps, 10 steps, random start with seed 0), and the response's
+    ``params`` says which values were used. FGSM takes no ``steps``/``step_size``; only PGD
+    takes ``random_start`` and ``seed``.
     """
 
     epsilon: float | None = Field(None, gt=0, description="budget: FGSM step, PGD/I-FGSM ball radius")
@@ -94,6 +98,11 @@ class AttackParams(_In):
     steps: int | None = Field(None, ge=1, le=1000)
     norm: Literal["linf", "l2"] | None = None
     target_class: int | None = Field(None, ge=0)
+    stop_at_flip: bool | None = Field(
+        None, description="freeze an image once it flipped (default); false: take every step"
+    )
+    random_start: bool | None = Field(None, description="PGD only: start at a random point")
+    seed: int | None = Field(None, ge=0, description="PGD only: seed of the random start")
 
     @model_validator(mode="after")
     def _linf_sizes_within_pixel_range(self) -> AttackParams:
@@ -117,7 +126,17 @@ class AttackResponse(_Out):
     linf: float
     l2: float
     adversarial_png: str
+    png_prediction: ClassScore = Field(
+        description="prediction of adversarial_png as delivered (8 bits per channel): what "
+        "uploading it again gives; steps below half a level are partly lost in it"
+    )
     perturbation_png: str
+    adversarial_array: EncodedArray | None = Field(
+        None, description="the exact adversarial image, float32 (3, H, W) in [0, 1], when asked"
+    )
+    explanation: Explanation | None = Field(
+        None, description="the adversarial image explained (paper 000, figure 5), when asked"
+    )
     elapsed_ms: float
 
 
@@ -125,6 +144,9 @@ class ApemResponse(_Out):
     model: str
     version: str
     method: str | None
+    method_params: dict[str, Any] = Field(
+        default_factory=dict, description="the explainer's parameters (none for an uploaded map)"
+    )
     target: int
     eps_minus: float | None
     eps_plus: float | None
@@ -132,6 +154,7 @@ class ApemResponse(_Out):
     apem_norm: float | None
     grid: dict[str, Any]
     approximate: bool = False
+    params: dict[str, Any] = Field(description="APEM parameters used, defaults filled in")
     elapsed_ms: float
 
 

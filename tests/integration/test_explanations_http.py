@@ -126,3 +126,62 @@ def test_apem_from_method_and_from_uploaded_map(api: httpx.Client, star) -> None
     refused = api.post(f"/v1/models/{MODEL}/apem",
                        files={**_files(image), "relevance": ("r.npy", wrong.getvalue(), "application/octet-stream")})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_relevance"
+
+
+def test_apem_grid_and_norm_are_the_clients_to_set(api: httpx.Client, star) -> None:
+    """`apem_params` reaches the search: a grid ending just below eps- no longer finds it."""
+    image, _ = star
+    url = f"/v1/models/{MODEL}/apem"
+    default = api.post(url, files=_files(image), data={"method": "gradient"}).json()
+    found = int(default["eps_minus"])
+    assert default["params"]["max_steps"] == 2000 and default["params"]["search"] == "exact"
+    for max_steps, expected in ((found, found), (found - 1, None)):
+        reply = api.post(url, files=_files(image),
+                         data={"method": "gradient", "apem_params": json.dumps({"max_steps": max_steps})})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["eps_minus"] == expected and body["grid"]["cap"] == max_steps + 1
+        assert body["params"]["max_steps"] == max_steps
+    normed = api.post(url, files=_files(image), data={
+        "method": "smoothgrad", "params": json.dumps({"n": 8}),
+        "apem_params": json.dumps({"normalise": True, "shuffles": 3, "max_steps": 500}),
+    })
+    assert normed.status_code == 200, normed.text
+    body = normed.json()
+    assert body["apem_norm"] is not None and np.isfinite(body["apem_norm"])
+    assert body["params"]["normalise"] is True and body["params"]["shuffles"] == 3
+    assert body["method_params"]["n"] == 8 and body["method_params"]["sigma"] == 0.2
+    scored = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={
+        "method": "gradient", "score": "apem", "apem_params": json.dumps({"max_steps": found - 1}),
+    }).json()["apem"]
+    assert scored["eps_minus"] is None and scored["params"]["max_steps"] == found - 1
+    refused = api.post(url, files=_files(image), data={"method": "gradient", "apem_params": '{"steps": 5}'})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "bad_parameter"
+
+
+def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(api: httpx.Client, star) -> None:
+    """Paper 000, figure 5: the adversarial image explained for its new class."""
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/attack", files=_files(image), data={
+        "method": "ifgsm", "params": json.dumps({"step_size": 0.008}),
+        "explain": "gradient", "adversarial_array": "true",
+    })
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["success"]
+    clean = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255
+    exact = _npy(body["adversarial_array"])
+    assert exact.shape == (3, 64, 64) and exact.dtype == np.float32
+    assert np.abs(exact - clean).max() == pytest.approx(body["linf"], abs=1e-6)
+    delivered = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["adversarial_png"]))), dtype=np.float32)
+    assert np.array_equal(delivered, np.round(exact.transpose(1, 2, 0) * 255))
+    again = api.post(f"/v1/models/{MODEL}/predict", params={"top_k": 1},
+                     files={"image": ("adv.png", base64.b64decode(body["adversarial_png"]), "image/png")})
+    assert again.json()["predictions"][0]["class_index"] == body["png_prediction"]["class_index"]
+    assert again.json()["predictions"][0]["probability"] == pytest.approx(body["png_prediction"]["probability"], abs=1e-5)
+    explanation = body["explanation"]
+    assert explanation["method"] == "gradient" and explanation["target"] == body["adversarial"]["class_index"]
+    assert explanation["prediction"]["class_index"] == body["adversarial"]["class_index"]
+    relevance = _npy(explanation["relevance"])
+    assert relevance.shape == (64, 64) and relevance.max() > 0
+    assert base64.b64decode(explanation["heatmap_png"]).startswith(PNG)

@@ -48,6 +48,19 @@ class State:
     waiting = 0
 
 
+def _explanation(options: c.ExplainOptions) -> dict[str, Any]:
+    return {
+        "method": options.method,
+        "params": options.params,
+        "target": options.target or 0,
+        "stage": options.stage,
+        "prediction": _score(0, 0.7),
+        "relevance": _arr(np.ones((8, 8))),
+        "heatmap_png": "aGVhdA==",
+        "overlay_png": "b3Zlcg==",
+    }
+
+
 def _raw_images(req: Any) -> list[c.RawImage]:
     found = [getattr(req, "image", None), *getattr(req, "images", [])]
     return [image for image in found if isinstance(image, c.RawImage)]
@@ -84,17 +97,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
         scores = [_score(0, 0.7), _score(1, 0.2), _score(2, 0.1)][: req.top_k]
         return {**base, "predictions": scores}
     if req.task == "explain":
-        return {
-            **base,
-            "method": req.method,
-            "params": req.params,
-            "target": req.target or 0,
-            "stage": req.stage,
-            "prediction": _score(0, 0.7),
-            "relevance": _arr(np.ones((8, 8))),
-            "heatmap_png": "aGVhdA==",
-            "overlay_png": "b3Zlcg==",
-        }
+        return {**base, **_explanation(req)}
     if req.task == "attack":
         return {
             **base,
@@ -107,7 +110,10 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "linf": 0.03,
             "l2": 0.5,
             "adversarial_png": "YQ==",
+            "png_prediction": _score(0, 0.55),
             "perturbation_png": "cA==",
+            "adversarial_array": _arr(np.zeros((3, 8, 8))) if req.adversarial_array else None,
+            "explanation": None if req.explanation is None else {**base, **_explanation(req.explanation)},
         }
     if req.task == "apem":
         return {
@@ -117,7 +123,9 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "apem": 0.2,
             "apem_norm": 0.5,
             "grid": {"n": 5},
+            "params": {"max_steps": 5, **req.apem_params},
             "method": req.method,
+            "method_params": req.params,
             "target": req.target or 0,
         }
     if req.task == "embed":

@@ -113,6 +113,82 @@ def test_attack_forwards_only_the_parameters_the_client_set(client: TestClient) 
     assert fake_torchserve.State.requests[-1]["params"] == {"epsilon": 0.02, "norm": "l2"}
 
 
+def test_apem_parameters_reach_the_handler_and_come_back(client: TestClient) -> None:
+    """APEM's grid, search and APEM_norm are the client's to set on /apem and /explain."""
+    apem_params = {"max_steps": 300, "normalise": True}
+    reply = client.post(
+        "/v1/models/shapes-resnet/apem",
+        files=files(),
+        data={"method": "gradient", "params": '{"a": 1}', "apem_params": json.dumps(apem_params)},
+    )
+    assert reply.status_code == 200, reply.text
+    sent = fake_torchserve.State.requests[-1]
+    assert sent["apem_params"] == apem_params and sent["params"] == {"a": 1}
+    body = reply.json()
+    assert body["params"] == {"max_steps": 300, "normalise": True}
+    assert body["method_params"] == {"a": 1}
+    reply = client.post(
+        "/v1/models/shapes-resnet/explain",
+        files=files(),
+        data={"method": "gradient", "score": "apem", "apem_params": '{"search": "approximate"}'},
+    )
+    assert reply.status_code == 200, reply.text
+    assert fake_torchserve.State.requests[-1]["apem_params"] == {"search": "approximate"}
+
+
+def test_attack_explains_the_adversarial_image_when_asked(client: TestClient) -> None:
+    url = "/v1/models/shapes-resnet/attack"
+    reply = client.post(url, files=files(), data={"method": "ifgsm"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["explanation"] is None and body["adversarial_array"] is None
+    assert body["png_prediction"]["class_index"] == 0
+    sent = fake_torchserve.State.requests[-1]
+    assert sent["explanation"] is None and sent["adversarial_array"] is False
+    reply = client.post(
+        url,
+        files=files(),
+        data={
+            "method": "ifgsm",
+            "explain": "smoothgrad",
+            "explain_params": '{"n": 5}',
+            "adversarial_array": "true",
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    sent = fake_torchserve.State.requests[-1]
+    assert sent["explanation"]["method"] == "smoothgrad" and sent["explanation"]["params"] == {"n": 5}
+    assert sent["explanation"]["target"] is None  # the handler explains the adversarial class
+    body = reply.json()
+    assert body["explanation"]["method"] == "smoothgrad"
+    assert body["explanation"]["relevance"]["encoding"] == "npy-base64"
+    assert body["adversarial_array"]["shape"] == [3, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "query", "message"),
+    [
+        ("apem", {"method": "gradient", "target_class": "1"}, "", "unknown form field 'target_class'"),
+        ("explain", {"method": "gradient", "stages": "1", "scor": "apem"}, "", "'scor', 'stages'"),
+        ("attack", {"method": "fgsm", "epsilon": "0.1"}, "", "unknown form field 'epsilon'"),
+        ("predict", {}, "?topk=2", "unknown query parameter 'topk'"),
+    ],
+)
+def test_unknown_fields_are_named_not_ignored(
+    client: TestClient, path: str, data: dict, query: str, message: str
+) -> None:
+    """A misspelt option would otherwise give its default without a word."""
+    before = len(fake_torchserve.State.requests)
+    reply = client.post(f"/v1/models/shapes-resnet/{path}{query}", files=files(), data=data)
+    body = assert_error(reply, 422, "unknown_field")
+    assert message in body["error"]["message"] and "takes:" in body["error"]["message"]
+    assert len(fake_torchserve.State.requests) == before  # refused before TorchServe
+    unauthenticated = client.post(
+        f"/v1/models/shapes-resnet/{path}{query}", files=files(), data=data, headers={"Authorization": ""}
+    )
+    assert_error(unauthenticated, 401, "unauthorized")  # the key is checked first
+
+
 @pytest.mark.parametrize(
     ("path", "data", "code"),
     [
@@ -126,6 +202,12 @@ def test_attack_forwards_only_the_parameters_the_client_set(client: TestClient) 
         ("attack", {"method": "fgsm", "params": '{"bogus": 1}'}, "invalid_params"),
         ("attack", {"method": "fgsm", "params": '{"target_class": 3}'}, "invalid_target"),
         ("apem", {}, "invalid_request"),
+        ("apem", {"method": "gradient", "apem_params": "[1]"}, "invalid_params"),
+        ("explain", {"method": "gradient", "apem_params": "{}"}, "invalid_request"),
+        ("attack", {"method": "fgsm", "explain": "nope"}, "unknown_method"),
+        ("attack", {"method": "fgsm", "explain_params": "{}"}, "invalid_request"),
+        ("attack", {"method": "fgsm", "explain": "gradient", "explain_params": "{x"}, "invalid_params"),
+        ("attack", {"method": "fgsm", "params": '{"seed": -1}'}, "invalid_params"),
     ],
 )
 def test_bad_parameters_422(client: TestClient, path: str, data: dict, code: str) -> None:

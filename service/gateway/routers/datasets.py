@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, UploadFile, status
+from fastapi import APIRouter, Depends, File, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, SettingsDep
+from service.gateway.forms import reject_unknown_fields
 from service.gateway.schemas import DatasetResponse, DeletedResponse
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(reject_unknown_fields)]
+)
 
 
 def _response(manifest: dict[str, Any]) -> DatasetResponse:

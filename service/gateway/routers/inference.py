@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from handlers.contract import (
     ApemRequest,
     ApemResult,
     AttackRequest,
     AttackResult,
+    ExplainOptions,
     ExplainRequest,
     ExplainResult,
     PredictRequest,
     PredictResult,
 )
+from service.errors import ApiError
 from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
 from service.gateway.forms import (
     check_method,
@@ -26,6 +28,7 @@ from service.gateway.forms import (
     parse_params,
     read_image,
     read_relevance,
+    reject_unknown_fields,
 )
 from service.gateway.schemas import (
     ApemResponse,
@@ -35,15 +38,26 @@ from service.gateway.schemas import (
     PredictResponse,
 )
 
-router = APIRouter(prefix="/v1/models/{model}", tags=["inference"])
+router = APIRouter(
+    prefix="/v1/models/{model}",
+    tags=["inference"],
+    dependencies=[Depends(reject_unknown_fields)],
+)
 ImageFile = Annotated[UploadFile, File(description="PNG, JPEG, WebP, GIF or BMP image")]
 ParamsForm = Annotated[str | None, Form(description="JSON object of method parameters")]
+ApemParamsForm = Annotated[
+    str | None,
+    Form(
+        description="JSON object of APEM parameters: step, max_steps, search (exact, "
+        "approximate, sequential), normalise (APEM_norm), shuffles, seed, clip, batch_size"
+    ),
+]
 
 ERRORS = {
     404: {"description": "unknown model"},
     413: {"description": "upload or image too large"},
     415: {"description": "image format not accepted"},
-    422: {"description": "invalid image, method, target or parameters"},
+    422: {"description": "invalid image, method, target, parameters or unknown field"},
     503: {"description": "model server unavailable or busy (Retry-After)"},
 }
 
@@ -86,12 +100,16 @@ async def explain(
     stage: Annotated[int, Form(ge=1, le=3)] = 2,
     params: ParamsForm = None,
     score: Annotated[str | None, Form(pattern="^apem$")] = None,
+    apem_params: ApemParamsForm = None,
 ) -> ExplainResponse:
     start = time.perf_counter()
     check_task(described, "explain")
     check_method(method, described.explainers, "explanation")
     check_target(target, described, "target")
     parsed = parse_params(params)
+    if apem_params is not None and not score:
+        raise ApiError(422, "invalid_request", "`apem_params` needs `score=apem`")
+    parsed_apem = parse_params(apem_params, "apem_params")
     pixels = await read_image(image, settings)
     request = ExplainRequest(
         image=pixels,
@@ -100,6 +118,7 @@ async def explain(
         params=parsed,
         stage=stage,  # type: ignore[arg-type]
         score="apem" if score else None,
+        apem_params=parsed_apem,
     )
     result = await torchserve.call(described.spec["name"], request, ExplainResult)
     return ExplainResponse(
@@ -131,19 +150,41 @@ async def attack(
     image: ImageFile,
     method: Annotated[AttackMethod, Form()],
     params: ParamsForm = None,
+    explain: Annotated[
+        str | None,
+        Form(max_length=100, description="also explain the adversarial image with this method"),
+    ] = None,
+    explain_params: Annotated[
+        str | None, Form(description="JSON object of the explanation method's parameters")
+    ] = None,
+    adversarial_array: Annotated[
+        bool, Form(description="also return the exact adversarial image (float32 .npy)")
+    ] = False,
 ) -> AttackResponse:
     start = time.perf_counter()
     check_task(described, "attack")
     attack_params = parse_attack_params(params)
     check_target(attack_params.target_class, described, "params.target_class")
+    explanation = None
+    if explain is not None:
+        check_method(explain, described.explainers, "explanation")
+        explanation = ExplainOptions(
+            method=explain,
+            params=parse_params(explain_params, "explain_params"),
+            outputs=["relevance", "heatmap_png", "overlay_png"],
+        )
+    elif explain_params is not None:
+        raise ApiError(422, "invalid_request", "`explain_params` needs `explain`")
     pixels = await read_image(image, settings)
     request = AttackRequest(
-        image=pixels, method=method, params=attack_params.model_dump(exclude_none=True)
+        image=pixels,
+        method=method,
+        params=attack_params.model_dump(exclude_none=True),
+        explanation=explanation,
+        adversarial_array=adversarial_array,
     )
     result = await torchserve.call(described.spec["name"], request, AttackResult)
-    return AttackResponse(
-        **result.model_dump(exclude={"elapsed_ms", "explanation"}), elapsed_ms=_ms(start)
-    )
+    return AttackResponse(**result.model_dump(exclude={"elapsed_ms"}), elapsed_ms=_ms(start))
 
 
 @router.post("/apem", response_model=ApemResponse, responses=ERRORS)
@@ -157,13 +198,12 @@ async def apem(
     params: ParamsForm = None,
     target: Annotated[int | None, Form()] = None,
     relevance: Annotated[UploadFile | None, File(description=".npy relevance map")] = None,
+    apem_params: ApemParamsForm = None,
 ) -> ApemResponse:
     start = time.perf_counter()
     check_task(described, "apem")
     check_target(target, described, "target")
     if (method is None) == (relevance is None):
-        from service.errors import ApiError
-
         raise ApiError(
             422,
             "invalid_request",
@@ -175,9 +215,15 @@ async def apem(
     else:
         check_method(method or "", described.explainers, "explanation")
     parsed = parse_params(params)
+    parsed_apem = parse_params(apem_params, "apem_params")
     pixels = await read_image(image, settings)
     request = ApemRequest(
-        image=pixels, method=method, params=parsed, relevance=encoded, target=target
+        image=pixels,
+        method=method,
+        params=parsed,
+        relevance=encoded,
+        target=target,
+        apem_params=parsed_apem,
     )
     result = await torchserve.call(described.spec["name"], request, ApemResult)
     return ApemResponse(
@@ -186,6 +232,7 @@ async def apem(
                 "model",
                 "version",
                 "method",
+                "method_params",
                 "target",
                 "eps_minus",
                 "eps_plus",
@@ -193,6 +240,7 @@ async def apem(
                 "apem_norm",
                 "grid",
                 "approximate",
+                "params",
             }
         ),
         elapsed_ms=_ms(start),
