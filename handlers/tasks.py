@@ -128,6 +128,7 @@ class TaskRunner:
             "explain": self.explain,
             "attack": self.attack,
             "apem": self.apem,
+            "apem_set": self.apem_set,
             "robustness": self.robustness,
             "filter": self.filter,
         }
@@ -323,6 +324,27 @@ class TaskRunner:
         score = self._score(x, score_map, target, request.apem_params)
         return contract.ApemResult(method=request.method, method_params=method_params, target=target,
                                    **score.model_dump(), **self._stamp(start))
+
+    def apem_set(self, request: contract.ApemSetRequest) -> contract.ApemSetResult:
+        """APEM of many images' stage-2 explanations of their predictions, with their losses
+        (thesis 003, chapter 3 and section 5.4); the caller correlates them over its set."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        if request.labels is not None and len(request.labels) != x.shape[0]:
+            raise TaskError(422, "bad_parameter", f"labels: expected {x.shape[0]}, got {len(request.labels)}")
+        explanation = self._explanation(x, request.method, request.params, None)
+        maps = visualization.to_stage(explanation.relevance, x, 2)
+        labels = None if request.labels is None else torch.tensor(request.labels)
+        with refusals():
+            outcome = apem(self.model, x, maps, targets=explanation.targets, labels=labels,
+                           params=request.apem_params)
+        return contract.ApemSetResult(
+            method=explanation.method, method_params=explanation.params,
+            params=outcome.params.model_dump(), grid=outcome.params.grid_description(),
+            approximate=outcome.approximate, targets=outcome.targets,
+            eps_minus=outcome.eps_minus, eps_plus=outcome.eps_plus, apem=outcome.apem_per_image,
+            apem_norm=outcome.apem_norm_per_image, losses=outcome.losses, **self._stamp(start),
+        )
 
     # ------------------------------------------------------------------ attacks
     def _attack(self, method: str, params: dict[str, Any], x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from scipy.stats import spearmanr
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
@@ -44,6 +43,7 @@ from handlers.metrics.flip_search import (
     SearchStats,
     full_precision,
 )
+from handlers.metrics.ranking import spearman_with_loss
 from handlers.validation import InvalidParameter, StrictParams, parse_params
 
 GRID_UNIT = "L1 norm of x' - x over the 3 channels, in [0, 1] pixel units (before clipping)"
@@ -98,8 +98,9 @@ class ApemOutcome:
         apem_norm, apem_norm_per_image, eps_shuffle_minus, eps_shuffle_plus: section 5.2,
             when ``normalise`` was asked for.
         predictions: clean predicted classes; targets: the explained classes.
+        losses: per-image cross-entropy of the clean image against ``labels`` (section 5.4).
         spearman: Spearman correlation of the per-image APEM with the per-image loss
-            (section 5.4) as ``{"rho", "p_value", "n", "loss_of"}``; ``None`` for < 3 images.
+            (section 5.4) as ``{"rho", "p_value", "n"}``; ``None`` for < 3 images.
         approximate: whether an approximate search produced the sizes.
         params: the validated parameters; stats: forward passes and evaluations.
     """
@@ -113,6 +114,7 @@ class ApemOutcome:
     params: ApemParams
     stats: SearchStats
     approximate: bool
+    losses: list[float]
     apem_norm: float | None = None
     apem_norm_per_image: list[float] | None = None
     eps_shuffle_minus: list[float | None] | None = None
@@ -220,14 +222,6 @@ def search_strategy(params: ApemParams) -> FlipSearch:
     return SEARCHES[params.search]()
 
 
-def spearman_with_loss(apem_values: np.ndarray, losses: np.ndarray) -> dict[str, Any] | None:
-    """Spearman rank correlation of APEM and the loss (thesis 003, section 5.4, table 5.3)."""
-    if apem_values.size < 3 or np.ptp(apem_values) == 0 or np.ptp(losses) == 0:
-        return None
-    rho, p_value = spearmanr(apem_values, losses)
-    return {"rho": float(rho), "p_value": float(p_value), "n": int(apem_values.size)}
-
-
 def apem(
     model: nn.Module,
     images: torch.Tensor,
@@ -279,6 +273,7 @@ def apem(
         params=p,
         stats=stats,
         approximate=SEARCHES[p.search].approximate,
+        losses=losses.tolist(),
         spearman=spearman_with_loss(per_image, losses),
     )
     return outcome if shuffle_found is None else _with_norm(outcome, shuffle_found, p.grid)

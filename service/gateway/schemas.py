@@ -203,7 +203,31 @@ class FilterJobRequest(_In):
     )
 
 
-JobRequest = Annotated[CriticismJobRequest | FilterJobRequest, Field(discriminator="type")]
+class ApemJobRequest(_In):
+    """APEM of one explanation method over a dataset (thesis 003, chapter 3) and its
+    Spearman correlation with the loss (section 5.4)."""
+
+    type: Literal["apem"]
+    model: str
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    class_name: str | None = Field(
+        None, min_length=1, max_length=200, description="one class; default: every class"
+    )
+    method: str = Field(min_length=1, max_length=100, description="explanation method")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    apem_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="APEM grid and search (step, max_steps, search, normalise, shuffles, ...)",
+    )
+    max_images: int = Field(
+        500, ge=3, le=20000, description="score a seeded random sample of at most this many"
+    )
+    seed: int = Field(0, ge=0, description="seed of that sample")
+
+
+JobRequest = Annotated[
+    CriticismJobRequest | FilterJobRequest | ApemJobRequest, Field(discriminator="type")
+]
 
 
 class JobAccepted(_Out):
@@ -252,4 +276,44 @@ class FilterJobResult(FilterResult):
     type: Literal["filter"] = "filter"
 
 
-JobResult = Annotated[CriticismResult | FilterJobResult, Field(discriminator="type")]
+class ApemItem(_Out):
+    file: str
+    sha256: str
+    class_name: str
+    label: int = Field(description="the class name's index among the model's labels")
+    prediction: int = Field(description="the predicted class, which the method explained")
+    eps_minus: float | None
+    eps_plus: float | None
+    apem: float
+    apem_norm: float | None = None
+    loss: float = Field(description="cross-entropy of the clean image against its label")
+
+
+class ApemJobResult(_Out):
+    type: Literal["apem"] = "apem"
+    model: str
+    version: str
+    dataset_id: str
+    class_name: str | None
+    method: str
+    method_params: dict[str, Any]
+    params: dict[str, Any] = Field(description="APEM parameters, defaults filled in")
+    grid: dict[str, Any]
+    approximate: bool
+    max_images: int
+    seed: int
+    n_candidates: int = Field(description="images in scope before sampling")
+    n_scored: int
+    accuracy: float
+    apem: float = Field(description="mean of eps+ - eps- over the scored images")
+    apem_norm: float | None = None
+    spearman: dict[str, Any] | None = Field(
+        None, description="rho, p_value, n of APEM against the loss; none for < 3 images"
+    )
+    items: list[ApemItem]
+    elapsed_ms: float
+
+
+JobResult = Annotated[
+    CriticismResult | FilterJobResult | ApemJobResult, Field(discriminator="type")
+]

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import base64
 import io
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,13 +32,13 @@ from handlers.contract import (
     RobustnessRequest,
     RobustnessResult,
 )
+from service.jobs.calls import in_flight
 from service.torchserve_client import SyncTorchServeClient
 
 if TYPE_CHECKING:  # the selection library is imported lazily (first criticism job)
     from handlers.criticism.methods import Selection, SelectionInputs
 
 JOB_KEYS = ("attack", "attack_params", "class_index")
-T = TypeVar("T")
 
 
 def decode_array(encoded: EncodedArray) -> np.ndarray:
@@ -78,33 +76,6 @@ def class_index(described: DescribeResult, class_name: str, params: dict[str, An
     if isinstance(index, int) and 0 <= index < len(labels):
         return index
     return None
-
-
-def in_flight(fetch: Callable[[int], T], keys: Iterable[int], concurrency: int) -> Iterator[tuple[int, T]]:
-    """``(key, fetch(key))`` for every key, in order, with at most ``concurrency`` calls
-    running at once: on threads (the calls wait on TorchServe), or one after another in
-    the caller's thread when ``concurrency`` is 1.
-
-    A call that raises, or an exception in the caller (RQ's job timeout), stops the
-    iteration at once: calls not started are cancelled and running ones are not waited for.
-    """
-    if concurrency <= 1:
-        for key in keys:
-            yield key, fetch(key)
-        return
-    pool = ThreadPoolExecutor(max_workers=concurrency)
-    pending: deque[tuple[int, Future[T]]] = deque()
-    try:
-        for key in keys:
-            pending.append((key, pool.submit(fetch, key)))
-            if len(pending) >= concurrency:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def gather_inputs(

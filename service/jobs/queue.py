@@ -27,6 +27,7 @@ MARKER = "beyond:job:{}"
 FUNCTIONS = {
     "criticism": "service.jobs.tasks.run_criticism",
     "filter": "service.jobs.tasks.run_filter",
+    "apem": "service.jobs.tasks.run_apem",
 }
 _STATES = {
     JobStatus.QUEUED: "queued",

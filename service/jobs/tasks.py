@@ -24,6 +24,7 @@ from handlers.contract import FilterRequest, FilterResult
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs.criticism import class_index, gather_inputs, run_selection
+from service.jobs.reliability import sample, score_images, summarise
 from service.settings import get_settings
 from service.torchserve_client import SyncTorchServeClient
 
@@ -166,6 +167,45 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _apem(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    store = DatasetStore(settings)
+    manifest = store.get(spec["dataset_id"])
+    if manifest is None:
+        raise _fail("dataset not found (deleted?)")
+    class_name = spec.get("class_name")
+    in_scope = [i for i in manifest["images"] if class_name is None or i["class_name"] == class_name]
+    if not in_scope:
+        raise _fail(f"the dataset has no image of class {class_name!r}")
+    images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
+    with SyncTorchServeClient(settings) as client:
+        described = client.describe(spec["model"])
+        model_labels = list(described.spec.get("labels", []))
+        unknown = sorted({i["class_name"] for i in images} - set(model_labels))
+        if unknown:
+            raise _fail(f"classes that are not labels of the model (no loss): {', '.join(unknown)}")
+        labels = [model_labels.index(i["class_name"]) for i in images]
+        results = score_images(
+            client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
+        )
+    set_progress(1.0)
+    return {
+        "type": "apem",
+        "model": spec["model"],
+        "version": str(described.spec.get("version", "")),
+        "dataset_id": spec["dataset_id"],
+        "class_name": class_name,
+        "method": spec["method"],
+        "max_images": int(spec["max_images"]),
+        "seed": int(spec["seed"]),
+        "n_candidates": len(in_scope),
+        **summarise(images, labels, results),
+        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
 def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
     """Model criticism on one class of a dataset (thesis 003): the ``m`` least typical images."""
     return _guarded(_criticism, spec)
@@ -174,3 +214,9 @@ def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
 def run_filter(spec: dict[str, Any]) -> dict[str, Any]:
     """Explanation Filter on one image (thesis 003, Algorithm 2), computed by TorchServe."""
     return _guarded(_filter, spec)
+
+
+def run_apem(spec: dict[str, Any]) -> dict[str, Any]:
+    """APEM of an explanation method over a dataset, with its Spearman correlation with
+    the loss (thesis 003, chapter 3 and section 5.4), computed by TorchServe in batches."""
+    return _guarded(_apem, spec)

@@ -87,3 +87,36 @@ def test_filter_on_a_demo_map_equals_the_literal_algorithm(gradient_case) -> Non
     LOG.info(f"filter: APEM {fast.apem_before} -> {fast.apem_after}, kept {fast.fraction_kept:.3f}")
     assert torch.equal(fast.filtered, literal.filtered) and fast.apem_after == literal.apem_after
     assert fast.apem_after >= fast.apem_before
+
+
+def test_apem_set_task_scores_each_image_as_the_single_image_task(demo_model, shapes_split) -> None:  # noqa: ANN001
+    """The set task (one TorchServe call per batch of a job) gives each image what /apem
+    gives it alone, plus the losses its caller correlates (thesis 003, section 5.4)."""
+    import base64
+
+    from handlers import contract
+    from handlers.metrics.ranking import spearman_with_loss
+    from handlers.png import png_bytes
+    from handlers.tasks import TaskError, TaskRunner
+
+    model, spec = demo_model("shapes-resnet")
+    runner = TaskRunner(model, spec, torch.device("cpu"))
+    split = shapes_split("spurious", "test")
+    images = [base64.b64encode(png_bytes(split.images[i])).decode() for i in range(6)]
+    labels = [int(v) for v in split.labels[:6]]
+    result = runner.run(contract.ApemSetRequest(images=images, labels=labels, method="gradient", apem_params=GRID))
+    assert result.params["max_steps"] == 500 and result.grid["cap"] == 4 * 501 and not result.approximate
+    for i, image in enumerate(images):
+        alone = runner.run(contract.ApemRequest(image=image, method="gradient", apem_params=GRID))
+        assert (result.eps_minus[i], result.eps_plus[i], result.apem[i], result.targets[i]) == (
+            alone.eps_minus, alone.eps_plus, alone.apem, alone.target)
+    x, y = to_tensor(split.images[:6]), torch.tensor(labels)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    assert np.allclose(result.losses, expected.numpy(), atol=1e-5)
+    maps = to_stage(explain(model, x, "gradient").relevance, x, 2)
+    in_one_batch = apem(model, x, maps, labels=y, params=GRID).spearman
+    assert in_one_batch is not None
+    assert spearman_with_loss(np.array(result.apem), np.array(result.losses)) == in_one_batch
+    with pytest.raises(TaskError, match="labels"):
+        runner.run(contract.ApemSetRequest(images=images, labels=labels[:2], method="gradient"))

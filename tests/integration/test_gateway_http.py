@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from model_store.shapes import CLASS_NAMES
 from service.jobs import queue as jobq
 from tests.integration.conftest import API_KEY, MODEL, Stack
 
@@ -302,6 +303,43 @@ def test_filter_job(api: httpx.Client, shapes_split) -> None:
     assert result["method"] == method and result["filter_params"]["levels"] == 16
     assert result["apem_after"] >= result["apem_before"] and 0 < result["fraction_kept"] <= 1
     assert result["filtered"]["shape"] == [64, 64]
+
+
+def test_apem_job_over_a_dataset(api: httpx.Client, shapes_split) -> None:
+    """Each image scores what /apem gives it alone; the set gets its Spearman rho (thesis
+    003, section 5.4) and an image of a class the model does not know is refused."""
+    split = shapes_split("spurious", "test")
+    names = ["circle", "star"]
+    chosen = [i for i, a in enumerate(split.attributes) if a["class_name"] in names][:10]
+    pngs = {}
+    for i in chosen:
+        out = io.BytesIO()
+        Image.fromarray(split.images[i]).save(out, format="PNG")
+        pngs[f"{split.attributes[i]['class_name']}/{i}.png"] = out.getvalue()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in pngs.items():
+            zf.writestr(name, data)
+    dataset = api.post("/v1/datasets", files={"archive": ("d.zip", archive.getvalue(), "application/zip")})
+    assert dataset.status_code == 201, dataset.text
+    apem_params = {"step": 4, "max_steps": 500}
+    accepted = api.post("/v1/jobs", json={
+        "type": "apem", "model": MODEL, "dataset_id": dataset.json()["dataset_id"],
+        "method": "gradient", "apem_params": apem_params,
+    })
+    assert accepted.status_code == 202, accepted.text
+    status = wait_job(api, accepted.json()["job_id"])
+    assert status["status"] == "finished", status
+    result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
+    assert result["n_scored"] == len(chosen) and result["params"]["step"] == 4
+    assert result["spearman"] is not None and -1 <= result["spearman"]["rho"] <= 1
+    assert result["accuracy"] > 0.5
+    for item in result["items"][:3]:
+        alone = api.post(f"/v1/models/{MODEL}/apem", data={"method": "gradient", "apem_params": json.dumps(apem_params)},
+                         files={"image": ("x.png", pngs[item["file"]], "image/png")}).json()
+        assert (item["eps_minus"], item["eps_plus"], item["prediction"]) == (
+            alone["eps_minus"], alone["eps_plus"], alone["target"])
+        assert item["label"] == CLASS_NAMES.index(item["class_name"])
 
 
 def _queue(stack: Stack):  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -61,6 +62,11 @@ def _explanation(options: c.ExplainOptions) -> dict[str, Any]:
     }
 
 
+def _mean_red(image: str) -> float:
+    with Image.open(io.BytesIO(base64.b64decode(image))) as img:
+        return float(np.asarray(img.convert("RGB"))[..., 0].mean())
+
+
 def _raw_images(req: Any) -> list[c.RawImage]:
     found = [getattr(req, "image", None), *getattr(req, "images", [])]
     return [image for image in found if isinstance(image, c.RawImage)]
@@ -86,6 +92,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
                 "explain",
                 "attack",
                 "apem",
+                "apem_set",
                 "embed",
                 "robustness",
                 "filter",
@@ -127,6 +134,22 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "method": req.method,
             "method_params": req.params,
             "target": req.target or 0,
+        }
+    if req.task == "apem_set":  # values that grow with each image's mean red level
+        red = [_mean_red(image) for image in req.images]
+        return {
+            **base,
+            "method": req.method,
+            "method_params": req.params,
+            "params": {"max_steps": 2000, **req.apem_params},
+            "grid": {"cap": 2001.0},
+            "approximate": False,
+            "targets": [0] * len(red),
+            "eps_minus": [None if r == 0 else 100.0 + r for r in red],
+            "eps_plus": [300.0 + 2 * r for r in red],
+            "apem": [(300.0 + 2 * r) - (2001.0 if r == 0 else 100.0 + r) for r in red],
+            "apem_norm": None,
+            "losses": [r / 255 for r in red],
         }
     if req.task == "embed":
         n = len(req.images)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.jobs.criticism import in_flight
+from service.jobs.calls import in_flight
 
 
 class RecordingFetch:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -237,3 +239,51 @@ def test_result_ttls_are_configured(client: TestClient, settings: Settings, redi
     assert job.result_ttl == settings.result_ttl_s >= 86400
     assert job.failure_ttl == settings.failure_ttl_s >= 86400
     assert job.timeout == settings.job_timeout_s
+
+
+def test_apem_job_scores_a_dataset_and_correlates_with_the_loss(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fake's APEM and loss both grow with an image's red level: Spearman rho is 1."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(1, 11)}
+    entries.update({f"square/{i}.png": colored(i) for i in range(11, 14)})
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    job = {"type": "apem", "model": "shapes-resnet", "dataset_id": dataset, "method": "gradient",
+           "apem_params": {"max_steps": 300}}
+    every = client.post("/v1/jobs", json=job).json()["job_id"]
+    circles = client.post("/v1/jobs", json={**job, "class_name": "circle", "max_images": 4}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    assert client.get(f"/v1/jobs/{every}").json()["status"] == "finished"
+    result = client.get(f"/v1/jobs/{every}/result").json()
+    assert result["type"] == "apem" and result["n_scored"] == result["n_candidates"] == 13
+    assert result["params"] == {"max_steps": 2000, **job["apem_params"]} and result["method"] == "gradient"
+    items = result["items"]
+    assert [i["class_name"] for i in items] == ["circle"] * 10 + ["square"] * 3  # two TorchServe calls
+    assert [i["label"] for i in items] == [0] * 10 + [1] * 3
+    assert result["apem"] == pytest.approx(sum(i["apem"] for i in items) / 13)
+    assert result["spearman"]["rho"] == pytest.approx(1.0) and result["spearman"]["n"] == 13
+    assert result["accuracy"] == pytest.approx(10 / 13)  # the fake predicts class 0
+    sample = client.get(f"/v1/jobs/{circles}/result").json()
+    assert sample["n_candidates"] == 10 and sample["n_scored"] == 4 and sample["class_name"] == "circle"
+    again = client.post("/v1/jobs", json={**job, "class_name": "circle", "max_images": 4}).json()["job_id"]
+    other = client.post("/v1/jobs", json={**job, "class_name": "circle", "max_images": 4, "seed": 1}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    files = [[i["file"] for i in client.get(f"/v1/jobs/{j}/result").json()["items"]] for j in (circles, again, other)]
+    assert files[0] == files[1] != files[2]  # the sample is seeded
+    assert files[0] == sorted(files[0], key=lambda f: [e["file"] for e in items].index(f))
+    # refused at submission, with the reason
+    assert_error(client.post("/v1/jobs", json={**job, "method": "nope"}), 422, "unknown_method")
+    assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
+    assert_error(client.post("/v1/jobs", json={**job, "max_images": 2}), 422)
+    odd = upload(client, make_zip({"dog/1.png": colored(1), "circle/1.png": colored(2)})).json()["dataset_id"]
+    body = assert_error(client.post("/v1/jobs", json={**job, "dataset_id": odd}), 422, "unknown_class")
+    assert "'dog'" in body["error"]["message"]
+    assert client.post("/v1/jobs", json={**job, "dataset_id": odd, "class_name": "circle"}).status_code == 202
+
+
+def test_the_worker_side_of_jobs_does_not_import_torch() -> None:
+    code = (
+        "import sys; import service.jobs.tasks, service.jobs.reliability, handlers.metrics.ranking; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: enqueue criticism and filter jobs, follow them, fetch results, cancel."""
+"""``/v1/jobs``: enqueue criticism, filter and apem jobs, follow them, fetch results, cancel."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from service.errors import ApiError
 from service.gateway.deps import ApiKey, Registry, SettingsDep
 from service.gateway.forms import check_task
 from service.gateway.schemas import (
+    ApemJobRequest,
     CriticismJobRequest,
-    FilterJobRequest,
     JobAccepted,
     JobRequest,
     JobResult,
@@ -32,27 +32,32 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 UNKNOWN = {404: {"description": "unknown job"}, 410: {"description": "job expired (TTL)"}}
 
 
-async def _check(
-    body: CriticismJobRequest | FilterJobRequest, registry: Registry, settings: SettingsDep
-) -> dict[str, Any]:
+async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) -> dict[str, Any]:
     described = await registry.get(body.model)
     spec = body.model_dump()
-    needs = {"adversarial": "robustness", "mmd": "embed", "probs": "embed"}
-    task = "filter" if isinstance(body, FilterJobRequest) else needs.get(body.method)
-    if task:
-        check_task(described, task)
     if isinstance(body, CriticismJobRequest):
-        manifest = DatasetStore(settings).get(body.dataset_id)
-        if manifest is None:
-            raise ApiError(404, "dataset_not_found", "unknown dataset")
-        if body.class_name not in manifest["classes"]:
-            raise ApiError(422, "unknown_class", f"the dataset has no class {body.class_name!r}")
+        needs = {"adversarial": "robustness", "mmd": "embed", "probs": "embed"}
+        if body.method in needs:
+            check_task(described, needs[body.method])
+        _check_dataset(body.dataset_id, body.class_name, settings)
         problem = check_params(body.method, body.params, body.m)
         if problem:
             raise ApiError(422, "invalid_params", problem)
         return spec
+    check_task(described, "apem_set" if isinstance(body, ApemJobRequest) else "filter")
     if described.explainers and body.method not in described.explainers:
         raise ApiError(422, "unknown_method", f"unknown explanation method {body.method!r}")
+    if isinstance(body, ApemJobRequest):
+        classes = _check_dataset(body.dataset_id, body.class_name, settings)
+        unknown = sorted(set(classes) - set(described.spec.get("labels", [])))
+        if unknown:
+            raise ApiError(
+                422,
+                "unknown_class",
+                "APEM's loss needs each image's label among the model's; not labels: "
+                + ", ".join(map(repr, unknown[:20])),
+            )
+        return spec
     if body.target is not None and body.target >= int(described.spec["num_classes"]):
         raise ApiError(422, "invalid_target", "target out of range")
     try:
@@ -62,6 +67,18 @@ async def _check(
     canonical = await run_in_threadpool(decode_image, raw, settings.max_image_pixels)
     spec["image"] = base64.b64encode(canonical.png).decode()
     return spec
+
+
+def _check_dataset(dataset_id: str, class_name: str | None, settings: SettingsDep) -> list[str]:
+    """The dataset's classes in scope (``class_name``, or all); 404 / 422 when missing."""
+    manifest = DatasetStore(settings).get(dataset_id)
+    if manifest is None:
+        raise ApiError(404, "dataset_not_found", "unknown dataset")
+    if class_name is None:
+        return list(manifest["classes"])
+    if class_name not in manifest["classes"]:
+        raise ApiError(422, "unknown_class", f"the dataset has no class {class_name!r}")
+    return [class_name]
 
 
 @router.post(

@@ -1,0 +1,103 @@
+"""The ``apem`` job: how reliable one explanation method is over a dataset.
+
+Every image (of one class, or of all; a seeded sample of at most ``max_images``) is
+explained for its predicted class and scored by APEM (thesis 003, chapter 3; APEM_norm,
+section 5.2, when ``apem_params.normalise``) in TorchServe, ``IMAGES_PER_CALL`` images per
+``apem_set`` call; the worker averages and correlates APEM with each image's loss against
+its dataset label (Spearman, section 5.4, table 5.3).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from handlers.contract import ApemSetRequest, ApemSetResult
+from handlers.metrics.ranking import spearman_with_loss
+from service.jobs.calls import in_flight
+from service.torchserve_client import SyncTorchServeClient
+
+IMAGES_PER_CALL = 8
+"""Images per TorchServe call: the exact search shares forward passes between them (8 per
+call was 1.2x faster per image than 1 on the demo model, benchmarks/results/adversarial.md)
+while a call on a large model stays well within TorchServe's response timeout."""
+
+
+def sample(images: list[dict[str, Any]], max_images: int, seed: int) -> list[dict[str, Any]]:
+    """At most ``max_images`` of ``images``, drawn with ``seed``, in the dataset's order."""
+    if len(images) <= max_images:
+        return images
+    chosen = np.random.default_rng(seed).choice(len(images), size=max_images, replace=False)
+    return [images[i] for i in sorted(chosen.tolist())]
+
+
+def score_images(
+    client: SyncTorchServeClient,
+    spec: dict[str, Any],
+    images: list[dict[str, Any]],
+    labels: list[int],
+    read: Callable[[str], bytes],
+    progress: Callable[[float], None],
+    concurrency: int = 1,
+) -> list[ApemSetResult]:
+    """TorchServe's ``apem_set`` answers for ``images``, in order."""
+    n = len(images)
+
+    def fetch(start: int) -> ApemSetResult:
+        batch = images[start : start + IMAGES_PER_CALL]
+        request = ApemSetRequest(
+            images=[base64.b64encode(read(item["sha256"])).decode() for item in batch],
+            labels=labels[start : start + IMAGES_PER_CALL],
+            method=spec["method"],
+            params=spec.get("params", {}),
+            apem_params=spec.get("apem_params", {}),
+        )
+        return client.call(spec["model"], request, ApemSetResult)
+
+    results = []
+    for start, result in in_flight(fetch, range(0, n, IMAGES_PER_CALL), concurrency):
+        results.append(result)
+        progress(0.99 * min(n, start + IMAGES_PER_CALL) / n)
+    return results
+
+
+def summarise(
+    images: list[dict[str, Any]], labels: list[int], results: list[ApemSetResult]
+) -> dict[str, Any]:
+    """Per-image items, the means and the Spearman correlation with the loss."""
+    first = results[0]
+    items: list[dict[str, Any]] = []
+    for result in results:
+        norms = result.apem_norm or [None] * len(result.apem)
+        for j in range(len(result.apem)):
+            item, label = images[len(items)], labels[len(items)]
+            items.append({
+                "file": item["file"],
+                "sha256": item["sha256"],
+                "class_name": item["class_name"],
+                "label": label,
+                "prediction": result.targets[j],
+                "eps_minus": result.eps_minus[j],
+                "eps_plus": result.eps_plus[j],
+                "apem": result.apem[j],
+                "apem_norm": norms[j],
+                "loss": result.losses[j],
+            })
+    apem_values = np.array([i["apem"] for i in items], dtype=np.float64)
+    losses = np.array([i["loss"] for i in items], dtype=np.float64)
+    norms_all = [i["apem_norm"] for i in items]
+    return {
+        "method_params": first.method_params,
+        "params": first.params,
+        "grid": first.grid,
+        "approximate": first.approximate,
+        "n_scored": len(items),
+        "accuracy": float(np.mean([i["prediction"] == i["label"] for i in items])),
+        "apem": float(apem_values.mean()),
+        "apem_norm": None if None in norms_all else float(np.mean(norms_all)),
+        "spearman": spearman_with_loss(apem_values, losses),
+        "items": items,
+    }
