@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from fastapi import Request, UploadFile
@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from handlers.contract import DescribeResult, EncodedArray, RawImage
+from handlers.contract import DescribeResult, EncodedArray, ImageOutput, RawImage
 from service.errors import ApiError
 from service.gateway.deps import ApiKey
 from service.gateway.schemas import AttackParams
@@ -94,6 +94,24 @@ def parse_params(text: str | None, field: str = "params") -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_params", f"`{field}` must be a JSON object")
     return value
+
+
+IMAGE_OUTPUTS: tuple[str, ...] = get_args(ImageOutput)
+
+
+def parse_outputs(text: str | None) -> list[str] | None:
+    """``outputs`` form field: comma-separated names of :data:`IMAGE_OUTPUTS` (None: default)."""
+    if text is None or not text.strip():
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(IMAGE_OUTPUTS))
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"unknown outputs {', '.join(map(repr, unknown))}; known: {', '.join(IMAGE_OUTPUTS)}",
+        )
+    return list(dict.fromkeys(names))
 
 
 def parse_attack_params(text: str | None) -> AttackParams:

@@ -74,6 +74,13 @@ class Explanation(_Out):
     relevance: EncodedArray | None = None
     heatmap_png: str | None = None
     overlay_png: str | None = None
+    attention_png: str | None = Field(None, description="LIME: the top superpixels shown")
+    path_png: str | None = Field(None, description="LIME: superpixels added one by one")
+    extras: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the method's own numbers (LIME segments, weights and fit score; IG's "
+        "completeness gap; LRP's logit and relevance sums; NAM's feature; SmoothGrad's noise)",
+    )
 
 
 class ExplainResponse(Explanation):

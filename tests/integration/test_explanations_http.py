@@ -185,3 +185,27 @@ def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(a
     relevance = _npy(explanation["relevance"])
     assert relevance.shape == (64, 64) and relevance.max() > 0
     assert base64.b64decode(explanation["heatmap_png"]).startswith(PNG)
+
+
+def test_lime_pictures_and_numbers_on_request(api: httpx.Client, star) -> None:
+    """Paper 000, figure 12: LIME's attention image and explanation path, and its fit."""
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={
+        "method": "lime", "params": json.dumps({"n": 300}),
+        "outputs": "attention_png,path_png,relevance", "colormap": "viridis",
+    })
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["heatmap_png"] is None and body["overlay_png"] is None
+    for name in ("attention_png", "path_png"):
+        assert base64.b64decode(body[name]).startswith(PNG)
+    extras = body["extras"]
+    segments = _npy(extras["segments"])
+    assert segments.shape == (64, 64) and int(segments.max()) + 1 == extras["num_superpixels"]
+    assert len(extras["weights"]) == extras["num_superpixels"]
+    relevance = _npy(body["relevance"])
+    best = int(np.argmax(extras["weights"]))  # the top superpixel holds the map's largest values
+    assert relevance[segments == best].mean() > relevance.mean()
+    refused = api.post(f"/v1/models/{MODEL}/explain", files=_files(image),
+                       data={"method": "gradient", "colormap": "no-such-map"})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "bad_parameter"

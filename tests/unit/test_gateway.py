@@ -136,6 +136,26 @@ def test_apem_parameters_reach_the_handler_and_come_back(client: TestClient) -> 
     assert fake_torchserve.State.requests[-1]["apem_params"] == {"search": "approximate"}
 
 
+def test_explain_outputs_and_colormap_are_forwarded(client: TestClient) -> None:
+    url = "/v1/models/shapes-resnet/explain"
+    reply = client.post(url, files=files(), data={"method": "gradient"})
+    assert reply.status_code == 200, reply.text
+    sent = fake_torchserve.State.requests[-1]
+    assert sent["outputs"] == ["relevance", "heatmap_png", "overlay_png"]
+    assert sent["colormap"] == "inferno"
+    data = {"method": "gradient", "outputs": "attention_png, relevance,relevance", "colormap": "gray"}
+    reply = client.post(url, files=files(), data=data)
+    assert reply.status_code == 200, reply.text
+    sent = fake_torchserve.State.requests[-1]
+    assert sent["outputs"] == ["attention_png", "relevance"] and sent["colormap"] == "gray"
+    body = assert_error(
+        client.post(url, files=files(), data={"method": "gradient", "outputs": "relevance,png"}),
+        422,
+        "invalid_request",
+    )
+    assert "'png'" in body["error"]["message"] and "path_png" in body["error"]["message"]
+
+
 def test_attack_explains_the_adversarial_image_when_asked(client: TestClient) -> None:
     url = "/v1/models/shapes-resnet/attack"
     reply = client.post(url, files=files(), data={"method": "ifgsm"})

@@ -21,10 +21,12 @@ from handlers.contract import (
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
 from service.gateway.forms import (
+    IMAGE_OUTPUTS,
     check_method,
     check_target,
     check_task,
     parse_attack_params,
+    parse_outputs,
     parse_params,
     read_image,
     read_relevance,
@@ -101,12 +103,24 @@ async def explain(
     params: ParamsForm = None,
     score: Annotated[str | None, Form(pattern="^apem$")] = None,
     apem_params: ApemParamsForm = None,
+    outputs: Annotated[
+        str | None,
+        Form(
+            max_length=200,
+            description="comma-separated pictures and arrays to return: "
+            f"{', '.join(IMAGE_OUTPUTS)} (default: relevance, heatmap_png, overlay_png)",
+        ),
+    ] = None,
+    colormap: Annotated[
+        str, Form(max_length=50, description="matplotlib colormap of the pictures")
+    ] = "inferno",
 ) -> ExplainResponse:
     start = time.perf_counter()
     check_task(described, "explain")
     check_method(method, described.explainers, "explanation")
     check_target(target, described, "target")
     parsed = parse_params(params)
+    wanted = parse_outputs(outputs)
     if apem_params is not None and not score:
         raise ApiError(422, "invalid_request", "`apem_params` needs `score=apem`")
     parsed_apem = parse_params(apem_params, "apem_params")
@@ -119,6 +133,8 @@ async def explain(
         stage=stage,  # type: ignore[arg-type]
         score="apem" if score else None,
         apem_params=parsed_apem,
+        colormap=colormap,
+        **({} if wanted is None else {"outputs": wanted}),
     )
     result = await torchserve.call(described.spec["name"], request, ExplainResult)
     return ExplainResponse(
@@ -134,6 +150,9 @@ async def explain(
                 "relevance",
                 "heatmap_png",
                 "overlay_png",
+                "attention_png",
+                "path_png",
+                "extras",
                 "apem",
             }
         ),
