@@ -27,6 +27,7 @@ from service.gateway.schemas import (
 from service.imaging import decode_image
 from service.jobs import queue as jobq
 from service.jobs.criticism import check_params
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 UNKNOWN = {404: {"description": "unknown job"}, 410: {"description": "job expired (TTL)"}}
@@ -69,7 +70,7 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
     return spec
 
 
-def _check_dataset(dataset_id: str, class_name: str | None, settings: SettingsDep) -> list[str]:
+def _check_dataset(dataset_id: str, class_name: str | None, settings: Settings) -> list[str]:
     """The dataset's classes in scope (``class_name``, or all); 404 / 422 when missing."""
     manifest = DatasetStore(settings).get(dataset_id)
     if manifest is None:
