@@ -17,7 +17,7 @@ import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 import numpy as np
@@ -31,10 +31,11 @@ from handlers.attacks.pictures import adversarial_png, as_delivered, perturbatio
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
+from handlers.metrics.params import ApemParams, FilterParams
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
 from handlers.spec import ModelSpec
-from handlers.validation import InvalidParameter, UnknownMethod
+from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_BATCH_IMAGES = 256
@@ -64,6 +65,15 @@ def refusals() -> Iterator[None]:
         raise TaskError(422, "invalid_relevance", str(error)) from None
     except InvalidParameter as error:
         raise TaskError(422, "bad_parameter", str(error)) from None
+
+
+Params = TypeVar("Params", bound=StrictParams)
+
+
+def checked(model: type[Params], values: dict[str, Any]) -> Params:
+    """``values`` validated as ``model`` before any work is done for the request (422)."""
+    with refusals():
+        return parse_params(model, values)
 
 
 def check_colormap(name: str) -> None:
@@ -232,7 +242,7 @@ class TaskRunner:
             return create_explainer(method, params).explain(self.model, x, targets)
 
     def _score(self, x: torch.Tensor, stage_map: torch.Tensor, target: int,
-               apem_params: dict[str, Any]) -> contract.ApemScore:
+               apem_params: ApemParams) -> contract.ApemScore:
         """APEM of a [0, 1] map (thesis 003, chapter 3) for one image."""
         with refusals():
             outcome = apem(self.model, x, stage_map, targets=torch.tensor([target]), params=apem_params)
@@ -246,6 +256,7 @@ class TaskRunner:
                         start: float) -> contract.ExplainResult:
         """Explain a ``(1, 3, S, S)`` pixel tensor as ``options`` say."""
         check_colormap(options.colormap)
+        apem_params = checked(ApemParams, options.apem_params) if options.score == "apem" else None
         explanation = self._explanation(x, options.method, options.params, options.target)
         target = int(explanation.targets[0])
         probs = self.probabilities(x)[0]
@@ -261,7 +272,7 @@ class TaskRunner:
             prediction=self.class_score(predicted, float(probs[predicted])),
             relevance=encode_array(stage_map[0].cpu().numpy()) if "relevance" in outputs else None,
             extras=self._extras(explanation),
-            apem=self._score(x, score_map, target, options.apem_params) if options.score == "apem" else None,
+            apem=None if apem_params is None else self._score(x, score_map, target, apem_params),
             **pictures, **self._stamp(start),
         )
 
@@ -302,6 +313,7 @@ class TaskRunner:
         x = self.tensor(request.image)
         if (request.method is None) == (request.relevance is None):
             raise TaskError(422, "bad_request", "give either an explanation method or a relevance map")
+        apem_params = checked(ApemParams, request.apem_params)
         if request.relevance is not None:
             size = self.spec.preprocessing.crop
             with refusals():
@@ -321,7 +333,7 @@ class TaskRunner:
             target = int(explanation.targets[0])
             score_map = visualization.to_stage(explanation.relevance, x, 2)
             method_params = explanation.params
-        score = self._score(x, score_map, target, request.apem_params)
+        score = self._score(x, score_map, target, apem_params)
         return contract.ApemResult(method=request.method, method_params=method_params, target=target,
                                    **score.model_dump(), **self._stamp(start))
 
@@ -332,12 +344,12 @@ class TaskRunner:
         x = self.tensors(request.images)
         if request.labels is not None and len(request.labels) != x.shape[0]:
             raise TaskError(422, "bad_parameter", f"labels: expected {x.shape[0]}, got {len(request.labels)}")
+        apem_params = checked(ApemParams, request.apem_params)
         explanation = self._explanation(x, request.method, request.params, None)
         maps = visualization.to_stage(explanation.relevance, x, 2)
         labels = None if request.labels is None else torch.tensor(request.labels)
         with refusals():
-            outcome = apem(self.model, x, maps, targets=explanation.targets, labels=labels,
-                           params=request.apem_params)
+            outcome = apem(self.model, x, maps, targets=explanation.targets, labels=labels, params=apem_params)
         return contract.ApemSetResult(
             method=explanation.method, method_params=explanation.params,
             params=outcome.params.model_dump(), grid=outcome.params.grid_description(),
@@ -399,14 +411,16 @@ class TaskRunner:
         """Explanation Filter (thesis 003, Algorithm 2) of one image's stage-2 map."""
         start = time.perf_counter()
         x = self.tensor(request.image)
+        apem_params = checked(ApemParams, request.apem_params)
+        filter_params = checked(FilterParams, {"levels": 256, **request.filter_params})
         explanation = self._explanation(x, request.method, request.params, request.target)
         target = int(explanation.targets[0])
         stage_map = visualization.to_stage(explanation.relevance, x, 2)[0]
-        filter_params = {"levels": 256, **request.filter_params}
         with refusals():
-            outcome = explanation_filter(self.model, x[0], stage_map, target, request.apem_params, filter_params)
+            outcome = explanation_filter(self.model, x[0], stage_map, target, apem_params, filter_params)
         return contract.FilterResult(
             method=request.method, params=explanation.params, target=target,
-            filtered=encode_array(outcome.filtered.cpu().numpy()), filter_params=filter_params,
+            filtered=encode_array(outcome.filtered.cpu().numpy()),
+            filter_params=filter_params.model_dump(),
             **outcome.summary(), **self._stamp(start),
         )

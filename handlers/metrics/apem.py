@@ -23,68 +23,26 @@ within the grid scores ``eps+ - cap <= 0``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
-from handlers.budget import MAX_BATCH_SIZE
 from handlers.metrics.flip_search import (
     NOT_FOUND,
     SEARCHES,
     BatchedScan,
     FlipProblem,
     FlipSearch,
-    Grid,
     SearchStats,
     full_precision,
 )
+from handlers.metrics.params import ApemParams, Grid
 from handlers.metrics.ranking import spearman_with_loss
-from handlers.validation import InvalidParameter, StrictParams, parse_params
-
-GRID_UNIT = "L1 norm of x' - x over the 3 channels, in [0, 1] pixel units (before clipping)"
-
-
-class ApemParams(StrictParams):
-    """APEM settings.
-
-    Attributes:
-        step: grid spacing of ``eps`` (thesis: integer steps, 1).
-        max_steps: grid size; ``eps`` beyond ``max_steps * step`` counts as not found.
-        search: ``"exact"`` (batched scan, the sequential scan's answer), ``"sequential"``
-            (the thesis's loop, one pass per ``eps``; slow) or ``"approximate"``
-            (exponential then bisection; flagged approximate).
-        batch_size: perturbed images per forward pass.
-        first_chunk: grid points per unit in its first pass of the exact search.
-        clip: clip perturbed images to [0, 1] (the thesis's ``x'`` is not clipped).
-        normalise: also compute ``APEM_norm`` from shuffled maps (section 5.2).
-        shuffles: shuffled maps per image for ``APEM_norm`` (thesis: 10).
-        seed: seed of the shuffles.
-
-    The upper bounds keep one request from holding a TorchServe worker for hours or asking
-    for more memory than the host has (the thesis: about 2000 integer steps, 10 shuffles).
-    """
-
-    step: float = Field(1.0, gt=0)
-    max_steps: int = Field(2000, ge=1, le=100_000)
-    search: Literal["exact", "sequential", "approximate"] = "exact"
-    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
-    first_chunk: int = Field(16, ge=1, le=65536)
-    clip: bool = False
-    normalise: bool = False
-    shuffles: int = Field(10, ge=1, le=100)
-    seed: int = Field(0, ge=0)
-
-    @property
-    def grid(self) -> Grid:
-        return Grid(self.step, self.max_steps)
-
-    def grid_description(self) -> dict[str, Any]:
-        return {"step": self.step, "max_steps": self.max_steps, "cap": self.grid.cap, "unit": GRID_UNIT}
+from handlers.validation import InvalidParameter, parse_params
 
 
 @dataclass(frozen=True)

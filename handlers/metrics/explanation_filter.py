@@ -20,11 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
-from handlers.budget import MAX_BATCH_SIZE, images_per_pass
+from handlers.budget import images_per_pass
 from handlers.metrics.apem import (
     ApemParams,
     apem,
@@ -34,25 +33,8 @@ from handlers.metrics.apem import (
     search_strategy,
 )
 from handlers.metrics.flip_search import NOT_FOUND, SEARCHES, FlipProblem, SearchStats
-from handlers.validation import StrictParams, parse_params
-
-
-class FilterParams(StrictParams):
-    """Explanation Filter settings (the APEM settings travel separately).
-
-    Attributes:
-        candidates_per_batch: candidate maps scored together in the first batch; the batch
-            doubles while no APEM drop is found, up to ``max_candidates_per_batch``.
-        max_candidates_per_batch: upper bound of a batch (memory: two directions of the
-            image's size per candidate).
-        levels: if set, quantise the map to ``levels`` evenly spaced values in [0, 1]
-            first (as an 8-bit rendered heatmap is, with 256), which bounds the number of
-            distinct values and so the filter's cost; ``None`` keeps the values as given.
-    """
-
-    candidates_per_batch: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
-    max_candidates_per_batch: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
-    levels: int | None = Field(None, ge=2, le=1 << 24)
+from handlers.metrics.params import FilterParams
+from handlers.validation import parse_params
 
 
 @dataclass(frozen=True)

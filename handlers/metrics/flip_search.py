@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from handlers.budget import images_per_pass
+from handlers.metrics.params import Grid
 from handlers.models.derived import inference_logits
 
 NOT_FOUND = 0
@@ -44,19 +45,6 @@ def full_precision() -> contextlib.AbstractContextManager[None]:
     return torch.backends.cudnn.flags(
         enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
     )
-
-
-@dataclass(frozen=True)
-class Grid:
-    """``eps_k = k * step`` for ``k = 1..max_steps`` (the thesis steps by integers: step 1)."""
-
-    step: float
-    max_steps: int
-
-    @property
-    def cap(self) -> float:
-        """The size that stands in for "beyond the grid": ``(max_steps + 1) * step``."""
-        return (self.max_steps + 1) * self.step
 
 
 @dataclass

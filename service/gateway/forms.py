@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from handlers.contract import DescribeResult, EncodedArray, ImageOutput, RawImage
+from handlers.validation import InvalidParameter, StrictParams
+from handlers.validation import parse_params as validate_params
 from service.errors import ApiError
 from service.gateway.deps import ApiKey
 from service.gateway.schemas import AttackParams
@@ -94,6 +96,15 @@ def parse_params(text: str | None, field: str = "params") -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_params", f"`{field}` must be a JSON object")
     return value
+
+
+def check_library_params(model: type[StrictParams], values: dict[str, Any], field: str) -> None:
+    """422 ``invalid_params`` naming the first bad value of ``values`` for a library's
+    torch-free parameter model (APEM, Explanation Filter), before any work is queued."""
+    try:
+        validate_params(model, values)
+    except InvalidParameter as exc:
+        raise ApiError(422, "invalid_params", f"{field}.{exc}") from None
 
 
 IMAGE_OUTPUTS: tuple[str, ...] = get_args(ImageOutput)

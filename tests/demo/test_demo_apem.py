@@ -120,3 +120,33 @@ def test_apem_set_task_scores_each_image_as_the_single_image_task(demo_model, sh
     assert spearman_with_loss(np.array(result.apem), np.array(result.losses)) == in_one_batch
     with pytest.raises(TaskError, match="labels"):
         runner.run(contract.ApemSetRequest(images=images, labels=labels[:2], method="gradient"))
+
+
+@pytest.mark.parametrize(
+    "request_for",
+    [
+        lambda image: ("ApemRequest", {"image": image, "method": "lime", "apem_params": {"max_steps": 0}}),
+        lambda image: ("ApemSetRequest", {"images": [image], "method": "lime", "apem_params": {"step": -1}}),
+        lambda image: ("ExplainRequest", {"image": image, "method": "lime", "score": "apem", "apem_params": {"x": 1}}),
+        lambda image: ("FilterRequest", {"image": image, "method": "lime", "filter_params": {"levels": 1}}),
+    ],
+)
+def test_bad_apem_parameters_are_refused_before_explaining(request_for, demo_model, shapes_split, monkeypatch) -> None:  # noqa: ANN001
+    """A LIME explanation takes seconds: a request whose APEM or filter parameters are bad
+    is refused (422) before it is computed, not after."""
+    import base64
+
+    from handlers import contract
+    from handlers.png import png_bytes
+    from handlers.tasks import TaskError, TaskRunner
+
+    model, spec = demo_model("shapes-resnet")
+    runner = TaskRunner(model, spec, torch.device("cpu"))
+    explained = []
+    monkeypatch.setattr(runner, "_explanation", lambda *args: explained.append(args))
+    image = base64.b64encode(png_bytes(shapes_split("spurious", "test").images[0])).decode()
+    name, fields = request_for(image)
+    with pytest.raises(TaskError) as refusal:
+        runner.run(getattr(contract, name)(**fields))
+    assert refusal.value.status == 422 and refusal.value.code == "bad_parameter"
+    assert explained == []

@@ -156,7 +156,8 @@ def test_apem_grid_and_norm_are_the_clients_to_set(api: httpx.Client, star) -> N
     }).json()["apem"]
     assert scored["eps_minus"] is None and scored["params"]["max_steps"] == found - 1
     refused = api.post(url, files=_files(image), data={"method": "gradient", "apem_params": '{"steps": 5}'})
-    assert refused.status_code == 422 and refused.json()["error"]["code"] == "bad_parameter"
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_params"
+    assert "apem_params.steps" in refused.json()["error"]["message"]
 
 
 def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(api: httpx.Client, star) -> None:

@@ -174,6 +174,8 @@ def test_filter_job_and_failures(
     assert_error(client.post("/v1/jobs", json={**job, "image": "!!"}), 422, "invalid_image")
     assert_error(client.post("/v1/jobs", json={**job, "model": "nope"}), 404, "model_not_found")
     assert_error(client.post("/v1/jobs", json={**job, "method": "nope"}), 422, "unknown_method")
+    for bad in ({"apem_params": {"shuffles": 0}}, {"filter_params": {"levels": 1}}, {"filter_params": {"x": 1}}):
+        assert_error(client.post("/v1/jobs", json={**job, **bad}), 422, "invalid_params")
     assert_error(
         client.post(
             "/v1/jobs",
@@ -275,6 +277,8 @@ def test_apem_job_scores_a_dataset_and_correlates_with_the_loss(
     assert_error(client.post("/v1/jobs", json={**job, "method": "nope"}), 422, "unknown_method")
     assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
     assert_error(client.post("/v1/jobs", json={**job, "max_images": 2}), 422)
+    body = assert_error(client.post("/v1/jobs", json={**job, "apem_params": {"max_steps": -1}}), 422, "invalid_params")
+    assert "apem_params.max_steps" in body["error"]["message"]
     odd = upload(client, make_zip({"dog/1.png": colored(1), "circle/1.png": colored(2)})).json()["dataset_id"]
     body = assert_error(client.post("/v1/jobs", json={**job, "dataset_id": odd}), 422, "unknown_class")
     assert "'dog'" in body["error"]["message"]

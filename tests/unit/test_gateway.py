@@ -223,6 +223,9 @@ def test_unknown_fields_are_named_not_ignored(
         ("attack", {"method": "fgsm", "params": '{"target_class": 3}'}, "invalid_target"),
         ("apem", {}, "invalid_request"),
         ("apem", {"method": "gradient", "apem_params": "[1]"}, "invalid_params"),
+        ("apem", {"method": "gradient", "apem_params": '{"max_steps": 0}'}, "invalid_params"),
+        ("apem", {"method": "gradient", "apem_params": '{"grid": 1}'}, "invalid_params"),
+        ("explain", {"method": "gradient", "score": "apem", "apem_params": '{"search": "x"}'}, "invalid_params"),
         ("explain", {"method": "gradient", "apem_params": "{}"}, "invalid_request"),
         ("attack", {"method": "fgsm", "explain": "nope"}, "unknown_method"),
         ("attack", {"method": "fgsm", "explain_params": "{}"}, "invalid_request"),
@@ -231,9 +234,11 @@ def test_unknown_fields_are_named_not_ignored(
     ],
 )
 def test_bad_parameters_422(client: TestClient, path: str, data: dict, code: str) -> None:
+    before = len(fake_torchserve.State.requests)
     assert_error(
         client.post(f"/v1/models/shapes-resnet/{path}", files=files(), data=data), 422, code
     )
+    assert all(r["task"] == "describe" for r in fake_torchserve.State.requests[before:])
 
 
 def test_bad_images(client: TestClient) -> None:

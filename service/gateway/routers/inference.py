@@ -18,10 +18,12 @@ from handlers.contract import (
     PredictRequest,
     PredictResult,
 )
+from handlers.metrics.params import ApemParams
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
 from service.gateway.forms import (
     IMAGE_OUTPUTS,
+    check_library_params,
     check_method,
     check_target,
     check_task,
@@ -124,6 +126,7 @@ async def explain(
     if apem_params is not None and not score:
         raise ApiError(422, "invalid_request", "`apem_params` needs `score=apem`")
     parsed_apem = parse_params(apem_params, "apem_params")
+    check_library_params(ApemParams, parsed_apem, "apem_params")
     pixels = await read_image(image, settings)
     request = ExplainRequest(
         image=pixels,
@@ -235,6 +238,7 @@ async def apem(
         check_method(method or "", described.explainers, "explanation")
     parsed = parse_params(params)
     parsed_apem = parse_params(apem_params, "apem_params")
+    check_library_params(ApemParams, parsed_apem, "apem_params")
     pixels = await read_image(image, settings)
     request = ApemRequest(
         image=pixels,

@@ -12,13 +12,15 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from handlers.metrics.params import ApemParams, FilterParams
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, Registry, SettingsDep
-from service.gateway.forms import check_task
+from service.gateway.forms import check_library_params, check_task
 from service.gateway.schemas import (
     ApemJobRequest,
     CriticismJobRequest,
+    FilterJobRequest,
     JobAccepted,
     JobRequest,
     JobResult,
@@ -48,6 +50,9 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
     check_task(described, "apem_set" if isinstance(body, ApemJobRequest) else "filter")
     if described.explainers and body.method not in described.explainers:
         raise ApiError(422, "unknown_method", f"unknown explanation method {body.method!r}")
+    check_library_params(ApemParams, body.apem_params, "apem_params")
+    if isinstance(body, FilterJobRequest):
+        check_library_params(FilterParams, body.filter_params, "filter_params")
     if isinstance(body, ApemJobRequest):
         classes = _check_dataset(body.dataset_id, body.class_name, settings)
         unknown = sorted(set(classes) - set(described.spec.get("labels", [])))
