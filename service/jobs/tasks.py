@@ -91,17 +91,23 @@ def _gallery(store: DatasetStore, candidates: list[dict[str, Any]], selection: A
     return base64.b64encode(gallery_png(images, selection)).decode("ascii")
 
 
+def _images_in_scope(store: DatasetStore, dataset_id: str, class_name: str | None) -> list[dict[str, Any]]:
+    """The dataset's images of ``class_name`` (all of them for None); a job failure if none."""
+    manifest = store.get(dataset_id)
+    if manifest is None:
+        raise _fail("dataset not found (deleted?)")
+    images = [i for i in manifest["images"] if class_name is None or i["class_name"] == class_name]
+    if not images:
+        raise _fail(f"the dataset has no image of class {class_name!r}")
+    return images
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
     set_progress(0.0)
     store = DatasetStore(settings)
-    manifest = store.get(spec["dataset_id"])
-    if manifest is None:
-        raise _fail("dataset not found (deleted?)")
-    candidates = [i for i in manifest["images"] if i["class_name"] == spec["class_name"]]
-    if not candidates:
-        raise _fail(f"the dataset has no image of class {spec['class_name']!r}")
+    candidates = _images_in_scope(store, spec["dataset_id"], spec["class_name"])
     params = spec.get("params", {})
     with SyncTorchServeClient(settings) as client:
         described = client.describe(spec["model"])
@@ -172,13 +178,8 @@ def _apem(spec: dict[str, Any]) -> dict[str, Any]:
     settings = get_settings()
     set_progress(0.0)
     store = DatasetStore(settings)
-    manifest = store.get(spec["dataset_id"])
-    if manifest is None:
-        raise _fail("dataset not found (deleted?)")
     class_name = spec.get("class_name")
-    in_scope = [i for i in manifest["images"] if class_name is None or i["class_name"] == class_name]
-    if not in_scope:
-        raise _fail(f"the dataset has no image of class {class_name!r}")
+    in_scope = _images_in_scope(store, spec["dataset_id"], class_name)
     images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     with SyncTorchServeClient(settings) as client:
         described = client.describe(spec["model"])
