@@ -191,9 +191,7 @@ async def attack(
     if explain is not None:
         check_method(explain, described.explainers, "explanation")
         explanation = ExplainOptions(
-            method=explain,
-            params=parse_params(explain_params, "explain_params"),
-            outputs=["relevance", "heatmap_png", "overlay_png"],
+            method=explain, params=parse_params(explain_params, "explain_params")
         )
     elif explain_params is not None:
         raise ApiError(422, "invalid_request", "`explain_params` needs `explain`")
