@@ -342,6 +342,34 @@ def test_apem_job_over_a_dataset(api: httpx.Client, shapes_split) -> None:
         assert item["label"] == CLASS_NAMES.index(item["class_name"])
 
 
+def test_command_line_client(stack: Stack, shapes_split, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`python -m service.client` against the real stack: a prediction, an attack whose
+    pictures are saved, and a refusal on stderr with exit status 1."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "star.png"
+    Image.fromarray(shapes_split("spurious", "test").images[0]).save(image)
+    base = [sys.executable, "-m", "service.client", "--url", stack.base_url, "--api-key", API_KEY]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
+
+    predicted = cli("predict", MODEL, str(image), "--top-k", "1")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["predictions"][0]["label"] == "star"
+    attacked = cli("--save-dir", str(tmp_path / "out"), "attack", MODEL, str(image), "--method", "ifgsm",
+                   "--params", '{"step_size": 0.008}', "--explain", "gradient")
+    assert attacked.returncode == 0, attacked.stderr
+    body = json.loads(attacked.stdout)
+    assert body["success"] and body["explanation"]["target"] == body["adversarial"]["class_index"]
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert saved == ["adversarial_png.png", "explanation.heatmap_png.png", "explanation.overlay_png.png",
+                     "perturbation_png.png"]
+    refused = cli("explain", MODEL, str(image), "--method", "nope")
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"]["code"] == "unknown_method"
+
+
 def _queue(stack: Stack):  # type: ignore[no-untyped-def]
     from redis import Redis
 
