@@ -207,7 +207,15 @@ class AdversarialSelection(SelectionMethod):
             inputs.robustness,
             params.include_misclassified,
         )
-        return _never_as_nan(protos), _never_as_nan(crits), {}
+        details: dict[str, Any] = {}
+        if inputs.robustness is not None:  # what ranks the prototypes (all "never" flipped)
+            robustness = np.asarray(inputs.robustness, dtype=np.float64)
+            details["robustness"] = {
+                "meaning": "probability of the clean prediction after the attack",
+                "prototypes": robustness[protos[0]].tolist(),
+                "criticisms": robustness[crits[0]].tolist(),
+            }
+        return _never_as_nan(protos), _never_as_nan(crits), details
 
 
 def _never_as_nan(picked: sel.Picked) -> sel.Picked:

@@ -171,6 +171,16 @@ def test_adversarial_selection_semantics() -> None:
     assert crits.tolist() == [4, 6]
 
 
+def test_adversarial_details_give_the_robustness_that_ranked_the_items() -> None:
+    """Every prototype "never" flipped: its score is None, its robustness says why it ranks."""
+    inputs = SelectionInputs(steps_to_flip=np.array([-1, 3, 1, -1, -1]), robustness=np.array([0.5, 0.1, 0.9, 0.8, 0.6]))
+    result = select("adversarial", inputs, {"prototypes": 2, "criticisms": 2})
+    assert [i.index for i in result.prototypes] == [3, 4] and [i.score for i in result.prototypes] == [None, None]
+    assert result.details["robustness"]["prototypes"] == [0.8, 0.6]
+    assert [i.index for i in result.criticisms] == [2, 1] and result.details["robustness"]["criticisms"] == [0.9, 0.1]
+    assert "robustness" not in select("adversarial", SelectionInputs(steps_to_flip=np.array([-1, 2, 1]))).details
+
+
 def test_probability_and_random_baselines() -> None:
     confidence = np.array([0.95, 0.05, 0.5, 0.99, 0.08, 0.91, 0.2])
     (protos, p), (crits, c) = sel.probability_selection(confidence, 5, 5)
