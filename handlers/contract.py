@@ -293,6 +293,8 @@ class FilterResult(_Result):
     params: dict[str, Any]
     target: int
     filtered: EncodedArray
+    heatmap_png: str | None = Field(None, description="the filtered map, colormapped")
+    overlay_png: str | None = Field(None, description="the filtered map over the image")
     apem_before: float | None
     apem_after: float | None
     fraction_kept: float

@@ -421,6 +421,7 @@ class TaskRunner:
         return contract.FilterResult(
             method=request.method, params=explanation.params, target=target,
             filtered=encode_array(outcome.filtered.cpu().numpy()),
+            **self._pictures({"heatmap_png", "overlay_png"}, explanation, outcome.filtered, x[0].cpu(), "inferno"),
             filter_params=filter_params.model_dump(),
             **outcome.summary(), **self._stamp(start),
         )

@@ -303,6 +303,8 @@ def test_filter_job(api: httpx.Client, shapes_split) -> None:
     assert result["method"] == method and result["filter_params"]["levels"] == 16
     assert result["apem_after"] >= result["apem_before"] and 0 < result["fraction_kept"] <= 1
     assert result["filtered"]["shape"] == [64, 64]
+    for picture in ("heatmap_png", "overlay_png"):
+        assert base64.b64decode(result[picture]).startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_apem_job_over_a_dataset(api: httpx.Client, shapes_split) -> None:
