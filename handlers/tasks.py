@@ -27,6 +27,7 @@ from PIL import Image
 from handlers import contract, visualization
 from handlers.arrays import InvalidArray, decode_array, encode_array
 from handlers.attacks import AttackBatchResult, available_attacks, get_attack
+from handlers.attacks.params import library_names
 from handlers.attacks.pictures import adversarial_png, as_delivered, perturbation_png
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
@@ -79,14 +80,6 @@ def checked(model: type[Params], values: dict[str, Any]) -> Params:
 def check_colormap(name: str) -> None:
     if name not in matplotlib.colormaps:
         raise TaskError(422, "bad_parameter", f"colormap: unknown matplotlib colormap {name!r}")
-
-
-# HTTP names of the attack parameters (service contract) -> the attack library's names
-ATTACK_PARAM_NAMES = {"epsilon": "eps", "target_class": "target"}
-
-
-def attack_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {ATTACK_PARAM_NAMES.get(k, k): v for k, v in params.items()}
 
 
 def png_b64(data: bytes) -> str:
@@ -361,7 +354,7 @@ class TaskRunner:
     # ------------------------------------------------------------------ attacks
     def _attack(self, method: str, params: dict[str, Any], x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:
         with refusals():
-            attack = get_attack(method, attack_params(params))
+            attack = get_attack(method, library_names(params))
             target = attack.params.target
             if target is not None:
                 self._targets(target)

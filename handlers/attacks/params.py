@@ -10,8 +10,9 @@ are the iterative FGSM with other settings rather than separate implementations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -139,3 +140,20 @@ class PGDParams(IFGSMParams):
     def core(self) -> CoreSettings:
         settings = self._settings(self.steps, self.step_size, self.eps)
         return replace(settings, random_start=self.random_start, seed=self.seed)
+
+
+PARAMS_BY_ATTACK: dict[str, type[AttackParams]] = {
+    "fgsm": FGSMParams,
+    "ifgsm": IFGSMParams,
+    "pgd": PGDParams,
+}
+"""Each attack's parameter model by its canonical name, importable without torch (the
+gateway checks a job's attack parameters with it); a test keeps it equal to the registry's."""
+
+SERVICE_NAMES = {"epsilon": "eps", "target_class": "target"}
+"""The HTTP API's names of attack parameters -> the library's."""
+
+
+def library_names(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Attack parameters as the service names them, renamed for the library."""
+    return {SERVICE_NAMES.get(k, k): v for k, v in params.items()}

@@ -57,14 +57,26 @@ def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> di
 
 def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
     """Why these criticism parameters are invalid, or None (used by the gateway: 422)."""
+    from handlers.attacks.params import PARAMS_BY_ATTACK, library_names
     from handlers.criticism.methods import get_selection
-    from handlers.validation import InvalidParameter, UnknownMethod
+    from handlers.validation import InvalidParameter, UnknownMethod, parse_params
 
     try:
         model = get_selection(method).params_model
         model.model_validate(selection_params(params, m))
     except (InvalidParameter, UnknownMethod, ValueError) as exc:
         return str(exc)
+    if method != "adversarial":
+        return None
+    attack, attack_params = params.get("attack", "ifgsm"), params.get("attack_params", {})
+    if attack not in PARAMS_BY_ATTACK:
+        return f"attack: unknown attack {attack!r}; available: {', '.join(PARAMS_BY_ATTACK)}"
+    if not isinstance(attack_params, dict):
+        return "attack_params: must be a JSON object"
+    try:
+        parse_params(PARAMS_BY_ATTACK[attack], library_names(attack_params))
+    except InvalidParameter as exc:
+        return f"attack_params.{exc}"
     return None
 
 

@@ -246,3 +246,12 @@ def test_masked_loop_of_accelerators_equals_the_compact_cpu_loop(targeted: bool,
     assert torch.allclose(masked.adversarial, compact.adversarial, atol=1e-12)
     assert torch.equal(masked.predictions, compact.predictions)
     assert (compact.steps_to_flip > 0).any()
+
+
+def test_the_torch_free_parameter_table_is_the_registrys() -> None:
+    from handlers.attacks import available_attacks, get_attack
+    from handlers.attacks.params import PARAMS_BY_ATTACK
+
+    assert sorted(PARAMS_BY_ATTACK) == available_attacks()
+    for name, model in PARAMS_BY_ATTACK.items():
+        assert get_attack(name).params_model is model

@@ -161,6 +161,14 @@ def test_criticism_job_lifecycle(
         batches.append(client.post("/v1/jobs", json=job).json()["job_id"])
         run_worker(split, monkeypatch)
     assert len({job_id, again, *batches}) == 4  # four runs, not one result served again
+    if method == "adversarial":  # the attack's parameters are checked on arrival too
+        for bad, where in (({"attack": "cw"}, "attack:"), ({"attack_params": {"steps": 0}}, "attack_params.steps"),
+                           ({"attack": "pgd", "attack_params": {"epsilon": 2}}, "attack_params.eps"),
+                           ({"attack_params": [1]}, "attack_params:")):
+            body = assert_error(client.post("/v1/jobs", json={**job, "params": {**job["params"], **bad}}), 422)
+            assert body["error"]["code"] == "invalid_params" and where in body["error"]["message"]
+        fine = {"attack": "pgd", "attack_params": {"epsilon": 0.02, "steps": 3, "seed": 1}}
+        assert client.post("/v1/jobs", json={**job, "params": {**job["params"], **fine}}).status_code == 202
     one, three = (client.get(f"/v1/jobs/{j}/result").json() for j in batches)
     assert one["criticisms"] == three["criticisms"] and one["prototypes"] == three["prototypes"]
 
