@@ -105,6 +105,16 @@ def test_bad_archives(settings: Settings, archive: bytes, status: int, code: str
         assert_error(upload(c, archive), status, code)
 
 
+def test_dataset_routes_name_unknown_fields(client: TestClient) -> None:
+    archive = make_zip({"circle/1.png": colored(1)})
+    reply = client.post("/v1/datasets", files={"archive": ("d.zip", archive, "application/zip")}, data={"name": "x"})
+    body = assert_error(reply, 422, "unknown_field")
+    assert "'name'" in body["error"]["message"] and "archive" in body["error"]["message"]
+    dataset = upload(client, archive).json()["dataset_id"]
+    assert_error(client.get(f"/v1/datasets/{dataset}?verbose=1"), 422, "unknown_field")
+    assert client.get(f"/v1/datasets/{dataset}").status_code == 200
+
+
 def run_worker(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("service.jobs.tasks.get_settings", lambda: settings)
     worker = build_worker(settings, Redis.from_url(settings.redis_url))
