@@ -69,23 +69,22 @@ def summarise(
 ) -> dict[str, Any]:
     """Per-image items, the means and the Spearman correlation with the loss."""
     first = results[0]
-    items: list[dict[str, Any]] = []
-    for result in results:
-        norms = result.apem_norm or [None] * len(result.apem)
-        for j in range(len(result.apem)):
-            item, label = images[len(items)], labels[len(items)]
-            items.append({
-                "file": item["file"],
-                "sha256": item["sha256"],
-                "class_name": item["class_name"],
-                "label": label,
-                "prediction": result.targets[j],
-                "eps_minus": result.eps_minus[j],
-                "eps_plus": result.eps_plus[j],
-                "apem": result.apem[j],
-                "apem_norm": norms[j],
-                "loss": result.losses[j],
-            })
+    scored = [(result, j) for result in results for j in range(len(result.apem))]  # request order
+    items = [
+        {
+            "file": item["file"],
+            "sha256": item["sha256"],
+            "class_name": item["class_name"],
+            "label": label,
+            "prediction": result.targets[j],
+            "eps_minus": result.eps_minus[j],
+            "eps_plus": result.eps_plus[j],
+            "apem": result.apem[j],
+            "apem_norm": None if result.apem_norm is None else result.apem_norm[j],
+            "loss": result.losses[j],
+        }
+        for item, label, (result, j) in zip(images, labels, scored, strict=True)
+    ]
     apem_values = np.array([i["apem"] for i in items], dtype=np.float64)
     losses = np.array([i["loss"] for i in items], dtype=np.float64)
     norms_all = [i["apem_norm"] for i in items]
