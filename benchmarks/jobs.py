@@ -20,24 +20,31 @@ import statistics
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 
 from benchmarks.markdown import table
 from model_store import paths
+from service.client import BeyondClient
 from service.settings import get_settings
 
 MODEL = "shapes-resnet"
 
 
-def demo_zip(n: int) -> tuple[bytes, bytes]:
-    """The first ``n`` demo test images as one class ``all``; and one of them as a PNG."""
-    files = sorted((paths.DATA_DIR / "spurious-shapes" / "test").glob("*/*.png"))[:n]
+def demo_files(n: int) -> list[Path]:
+    """The first ``n`` demo test images (``<class>/<index>.png``)."""
+    return sorted((paths.DATA_DIR / "spurious-shapes" / "test").glob("*/*.png"))[:n]
+
+
+def zipped(files: list[Path], one_class: bool) -> bytes:
+    """A dataset archive of ``files``: all in one class ``all``, or in their own classes."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
         for f in files:
-            archive.writestr(f"all/{f.parent.name}_{f.name}", f.read_bytes())
-    return out.getvalue(), files[0].read_bytes()
+            archive.writestr(f"all/{f.parent.name}_{f.name}" if one_class else f"{f.parent.name}/{f.name}",
+                             f.read_bytes())  # fmt: skip
+    return out.getvalue()
 
 
 def sample_latency(client: httpx.Client, png: bytes, stop: threading.Event, out: list[float]) -> None:
@@ -64,43 +71,31 @@ def while_sampling(client: httpx.Client, png: bytes, work) -> tuple[float, list[
     return seconds, latencies
 
 
-def run_job(api: httpx.Client, job: dict) -> dict:
-    """Submit ``job``, wait for it, return its result."""
-    job_id = api.post("/v1/jobs", json=job).json()["job_id"]
-    while (status := api.get(f"/v1/jobs/{job_id}").json()["status"]) not in ("finished", "failed", "canceled"):
-        time.sleep(0.05)
-    if status != "finished":
-        raise SystemExit(f"{job['type']} job {job_id} {status}")
-    return api.get(f"/v1/jobs/{job_id}/result").json()
+def run_job(beyond: BeyondClient, job: dict) -> dict:
+    """Submit ``job``, wait for it (polling every 50 ms), return its result."""
+    return beyond.wait_result(beyond.submit_job(job), poll=0.05)
 
 
-def criticism(api: httpx.Client, dataset: str, method: str) -> None:
-    run_job(api, {"type": "criticism", "model": MODEL, "dataset_id": dataset, "class_name": "all",
-                  "method": method, "m": 6, "params": {}})  # fmt: skip
+def criticism(beyond: BeyondClient, dataset: str, method: str) -> None:
+    run_job(beyond, {"type": "criticism", "model": MODEL, "dataset_id": dataset, "class_name": "all",
+                     "method": method, "m": 6, "params": {}})  # fmt: skip
 
 
-def apem_rows(api: httpx.Client, n: int) -> list[list]:
+def apem_rows(beyond: BeyondClient, n: int) -> list[list]:
     """One apem job over ``n`` images against ``n`` /apem requests; the same sizes or exit."""
-    files = sorted((paths.DATA_DIR / "spurious-shapes" / "test").glob("*/*.png"))[:n]
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for f in files:
-            archive.writestr(f"{f.parent.name}/{f.name}", f.read_bytes())
-    reply = api.post("/v1/datasets", files={"archive": ("d.zip", out.getvalue(), "application/zip")})
-    reply.raise_for_status()
-    dataset = reply.json()["dataset_id"]
+    files = demo_files(n)
+    dataset = beyond.upload_dataset(zipped(files, one_class=False))["dataset_id"]
     try:
         start = time.perf_counter()
-        result = run_job(api, {"type": "apem", "model": MODEL, "dataset_id": dataset, "method": "gradient",
-                               "max_images": n})  # fmt: skip
+        result = run_job(beyond, {"type": "apem", "model": MODEL, "dataset_id": dataset, "method": "gradient",
+                                  "max_images": n})  # fmt: skip
         job_seconds = time.perf_counter() - start
     finally:
-        api.delete(f"/v1/datasets/{dataset}")
+        beyond.delete_dataset(dataset)
     start = time.perf_counter()
     alone = {}
     for f in files:
-        body = api.post(f"/v1/models/{MODEL}/apem", data={"method": "gradient"},
-                        files={"image": ("x.png", f.read_bytes(), "image/png")}).json()  # fmt: skip
+        body = beyond.apem(MODEL, f, "gradient")
         alone[f"{f.parent.name}/{f.name}"] = (body["eps_minus"], body["eps_plus"])
     request_seconds = time.perf_counter() - start
     if any(alone[i["file"]] != (i["eps_minus"], i["eps_plus"]) for i in result["items"]):
@@ -123,23 +118,22 @@ def main() -> None:
     args = parser.parse_args()
     key = args.api_key or get_settings().resolved_api_keys()[0]
     headers = {"Authorization": f"Bearer {key}"}
-    archive, png = demo_zip(args.images)
-    with httpx.Client(base_url=args.url, headers=headers, timeout=120) as api, \
+    files = demo_files(args.images)
+    png = files[0].read_bytes()
+    with BeyondClient(args.url, key, timeout=120) as beyond, \
             httpx.Client(base_url=args.url, headers=headers, timeout=120) as interactive:  # fmt: skip
-        reply = api.post("/v1/datasets", files={"archive": ("d.zip", archive, "application/zip")})
-        reply.raise_for_status()
-        dataset = reply.json()["dataset_id"]
+        dataset = beyond.upload_dataset(zipped(files, one_class=True))["dataset_id"]
         try:
             _, idle = while_sampling(interactive, png, lambda: time.sleep(3))
             rows = []
             for _ in range(args.rounds):
                 for method in args.methods:
-                    seconds, busy = while_sampling(interactive, png, lambda m=method: criticism(api, dataset, m))
+                    seconds, busy = while_sampling(interactive, png, lambda m=method: criticism(beyond, dataset, m))
                     p95 = statistics.quantiles(busy, n=20)[-1] if len(busy) > 1 else busy[0]
                     rows.append([method, seconds, 1000 * statistics.median(busy), 1000 * p95, len(busy)])
         finally:
-            api.delete(f"/v1/datasets/{dataset}")
-        scored = apem_rows(api, args.apem) if args.apem else []
+            beyond.delete_dataset(dataset)
+        scored = apem_rows(beyond, args.apem) if args.apem else []
     title = (f"criticism jobs on {args.images} images of {MODEL} ({args.url}); "
              f"idle /predict median {1000 * statistics.median(idle):.0f} ms")
     table(title, ["method", "job seconds", "/predict median ms", "/predict p95 ms", "predictions"], rows)
