@@ -179,6 +179,27 @@ class FilterRequest(_Strict):
     )
 
 
+class ClassFeaturesRequest(_Strict):
+    """Each image's penultimate-layer features and their importance for its label
+    (paper 002, section 3.2); a caller averages them over a class to rank its features."""
+
+    task: Literal["class_features"] = "class_features"
+    images: list[ImageData] = Field(min_length=1)
+    labels: list[int] = Field(min_length=1)
+
+
+class NoiseSensitivityRequest(_Strict):
+    """Predictions with the regions of neural features corrupted by Gaussian noise
+    (paper 002, section 5, equations 1 and 2): each feature alone, each group's union."""
+
+    task: Literal["noise_sensitivity"] = "noise_sensitivity"
+    images: list[ImageData] = Field(min_length=1)
+    seeds: list[int] = Field(description="one noise seed per image")
+    features: list[int] = Field(default_factory=list)
+    groups: list[list[int]] = Field(default_factory=list)
+    sigmas: list[float] = Field(min_length=1)
+
+
 TaskRequest = Annotated[
     DescribeRequest
     | PredictRequest
@@ -188,7 +209,9 @@ TaskRequest = Annotated[
     | ApemSetRequest
     | EmbedRequest
     | RobustnessRequest
-    | FilterRequest,
+    | FilterRequest
+    | ClassFeaturesRequest
+    | NoiseSensitivityRequest,
     Field(discriminator="task"),
 ]
 
@@ -286,6 +309,20 @@ class RobustnessResult(_Result):
         default_factory=list,
         description="probability of the clean prediction after the attack (ranks prototypes)",
     )
+
+
+class ClassFeaturesResult(_Result):
+    importance: EncodedArray = Field(description="(N, C) each feature's importance for the label")
+    values: EncodedArray = Field(description="(N, C) the features' values (mean activations)")
+    predictions: list[int]
+
+
+class NoiseSensitivityResult(_Result):
+    sigmas: list[float]
+    clean: list[int] = Field(description="predictions of the clean images")
+    features: list[list[list[int]]] = Field(description="[feature][sigma][image] predictions")
+    groups: list[list[list[int]]] = Field(description="[group][sigma][image] predictions")
+    coverage: list[list[float]] = Field(description="[feature][image] mean of the feature's mask")
 
 
 class FilterResult(_Result):

@@ -32,6 +32,7 @@ from handlers.attacks.pictures import adversarial_png, as_delivered, perturbatio
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
+from handlers.metrics.feature_sensitivity import class_features, noise_sensitivity
 from handlers.metrics.params import ApemParams, FilterParams
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
@@ -134,6 +135,8 @@ class TaskRunner:
             "apem_set": self.apem_set,
             "robustness": self.robustness,
             "filter": self.filter,
+            "class_features": self.class_features,
+            "noise_sensitivity": self.noise_sensitivity,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -349,6 +352,32 @@ class TaskRunner:
             approximate=outcome.approximate, targets=outcome.targets,
             eps_minus=outcome.eps_minus, eps_plus=outcome.eps_plus, apem=outcome.apem_per_image,
             apem_norm=outcome.apem_norm_per_image, losses=outcome.losses, **self._stamp(start),
+        )
+
+    # ------------------------------------------------------------------ spurious-feature audit
+    def class_features(self, request: contract.ClassFeaturesRequest) -> contract.ClassFeaturesResult:
+        """Neural feature importances for each image's label (paper 002, section 3.2)."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        if len(request.labels) != x.shape[0]:
+            raise TaskError(422, "bad_parameter", f"labels: expected {x.shape[0]}, got {len(request.labels)}")
+        for label in request.labels:
+            self._targets(label)
+        found = class_features(self.model, x, torch.tensor(request.labels, device=self.device))
+        return contract.ClassFeaturesResult(
+            importance=encode_array(found.importance), values=encode_array(found.values),
+            predictions=found.predictions.tolist(), **self._stamp(start),
+        )
+
+    def noise_sensitivity(self, request: contract.NoiseSensitivityRequest) -> contract.NoiseSensitivityResult:
+        """Predictions with features' regions corrupted by noise (paper 002, section 5)."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        with refusals():
+            found = noise_sensitivity(self.model, x, request.seeds, request.features, request.sigmas, request.groups)
+        return contract.NoiseSensitivityResult(
+            sigmas=request.sigmas, clean=found.clean.tolist(), features=found.features.tolist(),
+            groups=found.groups.tolist(), coverage=found.coverage.tolist(), **self._stamp(start),
         )
 
     # ------------------------------------------------------------------ attacks

@@ -12,7 +12,8 @@ from handlers.explainers.base import (
     InvalidParameter,
     register,
 )
-from handlers.explainers.gradcam import Interpolation, feature_map_gradients, upsample
+from handlers.explainers.gradcam import Interpolation
+from handlers.explainers.neural_features import activation_maps, neural_features
 
 
 class NamParams(ExplainerParams):
@@ -41,10 +42,9 @@ class Nam(Explainer):
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Pick the feature (given or most important), normalise its map, resize."""
-        activations, grad, targets = feature_map_gradients(model, images, targets)
-        embedding = activations.mean(dim=(2, 3))
-        importance = embedding * grad.sum(dim=(2, 3))
-        num = activations.shape[1]
+        features_of = neural_features(model, images, targets)
+        importance, targets = features_of.importance, features_of.targets
+        num = features_of.maps.shape[1]
         if self.params.feature is None:
             features = importance.argmax(dim=1)
         elif self.params.feature >= num:
@@ -52,10 +52,7 @@ class Nam(Explainer):
         else:
             features = targets.new_full(targets.shape, self.params.feature)
         rows = range(len(features))
-        maps = activations.detach()[rows, features]
-        low = maps.amin(dim=(1, 2), keepdim=True)
-        span = (maps.amax(dim=(1, 2), keepdim=True) - low).clamp(min=1e-12)
-        nam = upsample((maps - low) / span, images.shape[-2:], self.params.interpolation)
+        nam = activation_maps(features_of.maps[rows, features], images.shape[-2:], self.params.interpolation)
         relevance = (nam / images.shape[1]).unsqueeze(1).expand_as(images).contiguous()
         extras = {
             "feature": features.tolist(),

@@ -232,8 +232,38 @@ class ApemJobRequest(_In):
     seed: int = Field(0, ge=0, description="seed of that sample")
 
 
+class AuditJobRequest(_In):
+    """Spurious-feature audit (paper 002, sections 3.2 and 5): each class's most important
+    penultimate-layer features, their activation maps, and the accuracy left when their
+    regions are corrupted by Gaussian noise."""
+
+    type: Literal["audit"]
+    model: str
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    class_name: str | None = Field(
+        None, min_length=1, max_length=200, description="one class; default: every class"
+    )
+    top_k: int = Field(5, ge=1, le=20, description="features audited per class, by importance")
+    sigmas: list[Annotated[float, Field(gt=0, le=4)]] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        min_length=1,
+        max_length=8,
+        description="noise levels (standard deviations, pixels in [0, 1]), equation 1",
+    )
+    groups: dict[Annotated[str, Field(min_length=1, max_length=50)], list[Annotated[int, Field(ge=0)]]] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="named feature lists corrupted together (equation 2); `spurious` and `core` "
+        "give core and spurious accuracy (definition 2); needs class_name",
+    )
+    gallery_images: int = Field(5, ge=0, le=20, description="most activating images shown per feature")
+    max_images: int = Field(200, ge=1, le=5000, description="seeded sample per class")
+    seed: int = Field(0, ge=0, description="seed of the sample and of the noise")
+
+
 JobRequest = Annotated[
-    CriticismJobRequest | FilterJobRequest | ApemJobRequest, Field(discriminator="type")
+    CriticismJobRequest | FilterJobRequest | ApemJobRequest | AuditJobRequest,
+    Field(discriminator="type"),
 ]
 
 
@@ -321,6 +351,60 @@ class ApemJobResult(_Out):
     elapsed_ms: float
 
 
+class NoiseAccuracy(_Out):
+    sigma: float
+    accuracy: float = Field(description="accuracy with the region corrupted at this level")
+    drop: float = Field(description="clean accuracy minus that accuracy")
+
+
+class ActivatingImage(_Out):
+    file: str
+    sha256: str
+    value: float = Field(description="the feature's value (mean activation) on the image")
+    overlay_png: str | None = Field(None, description="base64 PNG: the feature's map over the image")
+
+
+class AuditedFeature(_Out):
+    feature: int = Field(description="channel of the last convolutional feature map")
+    rank: int = Field(description="rank by mean importance for the class (paper 002, section 3.2)")
+    importance: float = Field(description="mean of value x d logit / d value over the class")
+    value: float
+    coverage: float = Field(description="mean of its activation map: the share of the image corrupted")
+    noise: list[NoiseAccuracy]
+    top_images: list[ActivatingImage]
+
+
+class AuditedGroup(_Out):
+    name: str
+    features: list[int]
+    noise: list[NoiseAccuracy]
+
+
+class AuditedClass(_Out):
+    class_name: str
+    label: int
+    n_images: int
+    accuracy: float = Field(description="clean accuracy on the audited images")
+    features: list[AuditedFeature]
+    groups: list[AuditedGroup]
+    core_accuracy: list[NoiseAccuracy] | None = Field(None, description="the `spurious` group corrupted")
+    spurious_accuracy: list[NoiseAccuracy] | None = Field(None, description="the `core` group corrupted")
+
+
+class AuditJobResult(_Out):
+    type: Literal["audit"] = "audit"
+    model: str
+    version: str
+    dataset_id: str
+    class_name: str | None
+    sigmas: list[float]
+    top_k: int
+    max_images: int
+    seed: int
+    classes: list[AuditedClass]
+    elapsed_ms: float
+
+
 JobResult = Annotated[
-    CriticismResult | FilterJobResult | ApemJobResult, Field(discriminator="type")
+    CriticismResult | FilterJobResult | ApemJobResult | AuditJobResult, Field(discriminator="type")
 ]

@@ -28,6 +28,7 @@ FUNCTIONS = {
     "criticism": "service.jobs.tasks.run_criticism",
     "filter": "service.jobs.tasks.run_filter",
     "apem": "service.jobs.tasks.run_apem",
+    "audit": "service.jobs.tasks.run_audit",
 }
 _STATES = {
     JobStatus.QUEUED: "queued",

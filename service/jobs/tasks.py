@@ -23,6 +23,7 @@ from rq import get_current_job
 from handlers.contract import FilterRequest, FilterResult
 from service.datasets import DatasetStore
 from service.errors import ApiError
+from service.jobs.audit import audit_class
 from service.jobs.criticism import class_index, gather_inputs, run_selection
 from service.jobs.reliability import sample, score_images, summarise
 from service.settings import get_settings
@@ -207,6 +208,47 @@ def _apem(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _audit(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    store = DatasetStore(settings)
+    in_scope = _images_in_scope(store, spec["dataset_id"], spec.get("class_name"))
+    class_names = sorted({i["class_name"] for i in in_scope})
+    with SyncTorchServeClient(settings) as client:
+        described = client.describe(spec["model"])
+        model_labels = list(described.spec.get("labels", []))
+        unknown = [c for c in class_names if c not in model_labels]
+        if unknown:
+            raise _fail(f"classes that are not labels of the model: {', '.join(unknown)}")
+        classes = []
+        for done, class_name in enumerate(class_names):
+            images = sample([i for i in in_scope if i["class_name"] == class_name], int(spec["max_images"]), int(spec["seed"]))
+
+            def progress(value: float, done: int = done) -> None:
+                set_progress((done + value) / len(class_names))
+
+            audited = audit_class(
+                client, spec, images, model_labels.index(class_name), store.read_image, progress,
+                settings.embed_concurrency,
+            )
+            classes.append({"class_name": class_name, "label": model_labels.index(class_name), **audited})
+    set_progress(1.0)
+    return {
+        "type": "audit",
+        "model": spec["model"],
+        "version": str(described.spec.get("version", "")),
+        "dataset_id": spec["dataset_id"],
+        "class_name": spec.get("class_name"),
+        "sigmas": list(spec["sigmas"]),
+        "top_k": int(spec["top_k"]),
+        "max_images": int(spec["max_images"]),
+        "seed": int(spec["seed"]),
+        "classes": classes,
+        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
 def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
     """Model criticism on one class of a dataset (thesis 003): the ``m`` least typical images."""
     return _guarded(_criticism, spec)
@@ -221,3 +263,9 @@ def run_apem(spec: dict[str, Any]) -> dict[str, Any]:
     """APEM of an explanation method over a dataset, with its Spearman correlation with
     the loss (thesis 003, chapter 3 and section 5.4), computed by TorchServe in batches."""
     return _guarded(_apem, spec)
+
+
+def run_audit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Spurious-feature audit of a dataset's classes (paper 002, sections 3.2 and 5),
+    the noise predictions computed by TorchServe in batches."""
+    return _guarded(_audit, spec)

@@ -96,6 +96,8 @@ def answer(req: Any, model: str) -> dict[str, Any]:
                 "embed",
                 "robustness",
                 "filter",
+                "class_features",
+                "noise_sensitivity",
             ],
             "explainers": ["gradient", "smoothgrad"],
             "attacks": ["fgsm", "ifgsm", "pgd"],
@@ -150,6 +152,21 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "apem": [(300.0 + 2 * r) - (2001.0 if r == 0 else 100.0 + r) for r in red],
             "apem_norm": None,
             "losses": [r / 255 for r in red],
+        }
+    if req.task == "class_features":  # feature 3's importance and value grow with the red level
+        red = np.array([_mean_red(image) for image in req.images])
+        importance = np.stack([np.full_like(red, 1.0), np.full_like(red, 3.0), np.full_like(red, 2.0), red / 20], axis=1)
+        values = np.stack([np.full_like(red, 0.5), np.full_like(red, 0.25), np.full_like(red, 0.1), red], axis=1)
+        return {**base, "importance": _arr(importance), "values": _arr(values), "predictions": [0] * len(red)}
+    if req.task == "noise_sensitivity":  # feature f flips every image once sigma * (f + 1) > 0.5
+        n = len(req.images)
+        return {
+            **base,
+            "sigmas": req.sigmas,
+            "clean": [0] * n,
+            "features": [[[1 if s * (f + 1) > 0.5 else 0] * n for s in req.sigmas] for f in req.features],
+            "groups": [[[1 if s * max(g) > 0.5 else 0] * n for s in req.sigmas] for g in req.groups],
+            "coverage": [[0.1 * f] * n for f in req.features],
         }
     if req.task == "embed":
         n = len(req.images)

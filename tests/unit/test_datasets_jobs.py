@@ -17,6 +17,7 @@ from redis import Redis
 
 from service.jobs.worker import build_worker
 from service.settings import Settings
+from tests.unit import fake_torchserve
 from tests.unit.test_gateway import assert_error, png
 
 
@@ -309,3 +310,59 @@ def test_the_worker_side_of_jobs_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fake's importances rank feature 3 first on red images and feature 1 on dark
+    ones; its feature f flips every image once sigma * (f + 1) > 0.5 (a group: sigma *
+    its largest feature); accuracies, drops, the gallery order and core/spurious accuracy
+    (paper 002, definition 2) follow from that."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(9, 13)}  # red 180..240 -> importance 9..12
+    entries.update({f"square/{i}.png": colored(i) for i in range(1, 3)})  # red 20, 40 -> 1, 2
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    job = {"type": "audit", "model": "shapes-resnet", "dataset_id": dataset, "top_k": 3,
+           "sigmas": [0.1, 0.2, 0.3], "gallery_images": 2}
+    every = client.post("/v1/jobs", json=job).json()["job_id"]
+    grouped = client.post("/v1/jobs", json={**job, "class_name": "circle",
+                                            "groups": {"spurious": [0], "core": [1, 3]}}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{every}").json()
+    assert status["status"] == "finished", status
+    result = client.get(f"/v1/jobs/{every}/result").json()
+    assert result["type"] == "audit" and result["sigmas"] == [0.1, 0.2, 0.3]
+    circle, square = result["classes"]
+    assert (circle["class_name"], circle["label"], circle["n_images"]) == ("circle", 0, 4)
+    assert [f["feature"] for f in circle["features"]] == [3, 1, 2]
+    assert [f["feature"] for f in square["features"]] == [1, 2, 3]
+    assert circle["accuracy"] == 1.0 and square["accuracy"] == 0.0  # the fake predicts circle
+    top = circle["features"][0]
+    assert top["importance"] == pytest.approx(sum(20 * i / 20 for i in range(9, 13)) / 4)
+    assert [n["accuracy"] for n in top["noise"]] == [1.0, 0.0, 0.0]  # 4 * sigma > 0.5 from 0.2 on
+    assert [n["drop"] for n in circle["features"][1]["noise"]] == [0.0, 0.0, 1.0]  # 2 * sigma
+    assert top["coverage"] == pytest.approx(0.3)
+    gallery = circle["features"][2]["top_images"]  # feature 2's values are equal: dataset order
+    assert [g["file"] for g in gallery] == ["circle/10.png", "circle/11.png"]
+    shown = top["top_images"]  # feature 3's value is the red level: reddest first
+    assert [g["file"] for g in shown] == ["circle/12.png", "circle/11.png"] and shown[0]["value"] == 240.0
+    assert shown[0]["overlay_png"] == "b3Zlcg=="
+    explained = [r for r in fake_torchserve.State.requests if r["task"] == "explain"]
+    assert len(explained) == 2 * (3 + 3) + 2 * 3  # 2 images x 3 features, per class and job
+    assert {(r["method"], r["colormap"], tuple(r["outputs"])) for r in explained} == {("nam", "jet", ("overlay_png",))}
+    assert {r["params"]["feature"] for r in explained} == {1, 2, 3}
+    noised = [r for r in fake_torchserve.State.requests if r["task"] == "noise_sensitivity"]
+    first = next(r for r in noised if len(r["images"]) == 4)
+    assert len(set(first["seeds"])) == 4 and first["features"] == [3, 1, 2]
+    assert circle["groups"] == [] and circle["core_accuracy"] is None
+    audited = client.get(f"/v1/jobs/{grouped}/result").json()["classes"]
+    assert len(audited) == 1
+    groups = {g["name"]: g for g in audited[0]["groups"]}
+    assert groups["core"]["features"] == [1, 3]
+    assert [n["accuracy"] for n in audited[0]["core_accuracy"]] == [1.0, 1.0, 1.0]  # spurious: max 0
+    assert [n["accuracy"] for n in audited[0]["spurious_accuracy"]] == [1.0, 0.0, 0.0]  # core: max 3
+    # refused at submission, with the reason
+    assert_error(client.post("/v1/jobs", json={**job, "groups": {"core": [1]}}), 422, "invalid_params")
+    assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
+    for bad in ({"sigmas": []}, {"sigmas": [0]}, {"top_k": 0}, {"gallery_images": 21}, {"nope": 1}):
+        assert_error(client.post("/v1/jobs", json={**job, **bad}), 422)

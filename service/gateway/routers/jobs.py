@@ -1,4 +1,4 @@
-"""``/v1/jobs``: enqueue criticism, filter and apem jobs, follow them, fetch results, cancel."""
+"""``/v1/jobs``: enqueue criticism, filter, apem and audit jobs, follow them, fetch results, cancel."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from service.gateway.deps import ApiKey, Registry, SettingsDep
 from service.gateway.forms import check_library_params, check_task
 from service.gateway.schemas import (
     ApemJobRequest,
+    AuditJobRequest,
     CriticismJobRequest,
     FilterJobRequest,
     JobAccepted,
@@ -47,6 +48,12 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
         if problem:
             raise ApiError(422, "invalid_params", problem)
         return spec
+    if isinstance(body, AuditJobRequest):
+        check_task(described, "noise_sensitivity")
+        if body.groups and body.class_name is None:
+            raise ApiError(422, "invalid_params", "groups name features of one class: give class_name")
+        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "the audit")
+        return spec
     check_task(described, "apem_set" if isinstance(body, ApemJobRequest) else "filter")
     if described.explainers and body.method not in described.explainers:
         raise ApiError(422, "unknown_method", f"unknown explanation method {body.method!r}")
@@ -55,14 +62,7 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
         check_library_params(FilterParams, body.filter_params, "filter_params")
     if isinstance(body, ApemJobRequest):
         classes = _check_dataset(body.dataset_id, body.class_name, settings)
-        unknown = sorted(set(classes) - set(described.spec.get("labels", [])))
-        if unknown:
-            raise ApiError(
-                422,
-                "unknown_class",
-                "APEM's loss needs each image's label among the model's; not labels: "
-                + ", ".join(map(repr, unknown[:20])),
-            )
+        _check_labels(classes, described, "APEM's loss")
         return spec
     if body.target is not None and body.target >= int(described.spec["num_classes"]):
         raise ApiError(422, "invalid_target", "target out of range")
@@ -73,6 +73,18 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
     canonical = await run_in_threadpool(decode_image, raw, settings.max_image_pixels)
     spec["image"] = base64.b64encode(canonical.png).decode()
     return spec
+
+
+def _check_labels(classes: list[str], described: Any, needs: str) -> None:
+    """422 unless every class in scope is one of the model's labels."""
+    unknown = sorted(set(classes) - set(described.spec.get("labels", [])))
+    if unknown:
+        raise ApiError(
+            422,
+            "unknown_class",
+            f"{needs} needs each image's label among the model's; not labels: "
+            + ", ".join(map(repr, unknown[:20])),
+        )
 
 
 def _check_dataset(dataset_id: str, class_name: str | None, settings: Settings) -> list[str]:
