@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import socket
@@ -11,6 +12,7 @@ import time
 import zipfile
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -342,6 +344,55 @@ def test_apem_job_over_a_dataset(api: httpx.Client, shapes_split) -> None:
         assert (item["eps_minus"], item["eps_plus"], item["prediction"]) == (
             alone["eps_minus"], alone["eps_plus"], alone["target"])
         assert item["label"] == CLASS_NAMES.index(item["class_name"])
+
+
+def test_audit_job_over_http_matches_the_library(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
+    """The audit of 12 sky circles through gateway, worker and TorchServe: the features the
+    library ranks first, the accuracies it measures with the same noise seeds, and one NAM
+    overlay per feature; core/spurious accuracy come from the groups (paper 002, section 5)."""
+    import torch
+
+    from handlers.metrics.feature_sensitivity import class_features, noise_sensitivity
+    from model_store.train import to_tensor
+    from service.imaging import decode_image
+    from service.jobs.audit import noise_seed
+
+    split = shapes_split("spurious", "test")
+    chosen = [i for i, a in enumerate(split.attributes) if a["class_name"] == "circle" and a["background"] == "sky"][:12]
+    archive, pngs = io.BytesIO(), {}
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in chosen:
+            out = io.BytesIO()
+            Image.fromarray(split.images[i]).save(out, format="PNG")
+            pngs[f"circle/{i:05d}.png"] = out.getvalue()
+            zf.writestr(f"circle/{i:05d}.png", out.getvalue())
+    dataset = api.post("/v1/datasets", files={"archive": ("d.zip", archive.getvalue(), "application/zip")})
+    assert dataset.status_code == 201, dataset.text
+    job = {"type": "audit", "model": MODEL, "dataset_id": dataset.json()["dataset_id"], "class_name": "circle",
+           "top_k": 2, "sigmas": [0.25, 1.0], "gallery_images": 1, "groups": {"spurious": [0, 1], "core": [2]}}
+    accepted = api.post("/v1/jobs", json=job)
+    assert accepted.status_code == 202, accepted.text
+    status = wait_job(api, accepted.json()["job_id"])
+    assert status["status"] == "finished", status
+    result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
+    (audited,) = result["classes"]
+    assert audited["n_images"] == 12 and audited["label"] == CLASS_NAMES.index("circle")
+
+    model, _ = demo_model(MODEL)
+    files = sorted(pngs)
+    x = to_tensor(np.stack([np.asarray(Image.open(io.BytesIO(pngs[f])).convert("RGB")) for f in files]))
+    importance = class_features(model, x, torch.zeros(12, dtype=torch.long)).importance.mean(0)
+    top = importance.argsort(descending=True)[:2].tolist()
+    assert [f["feature"] for f in audited["features"]] == top
+    stored = [decode_image(pngs[f], 10**7).png for f in files]  # what the dataset store keeps
+    seeds = [noise_seed(0, hashlib.sha256(png).hexdigest()) for png in stored]
+    local = noise_sensitivity(model, x, seeds, top, [0.25, 1.0], [[0, 1], [2]])
+    for feature, predictions in zip(audited["features"], local.features, strict=True):
+        assert [n["accuracy"] for n in feature["noise"]] == pytest.approx((predictions == 0).float().mean(1).tolist(), abs=0.09)
+        (shown,) = feature["top_images"]
+        assert base64.b64decode(shown["overlay_png"]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert [n["accuracy"] for n in audited["core_accuracy"]] == pytest.approx((local.groups[0] == 0).float().mean(1).tolist(), abs=0.09)
+    assert [n["sigma"] for n in audited["spurious_accuracy"]] == [0.25, 1.0]
 
 
 def test_command_line_client(stack: Stack, shapes_split, tmp_path) -> None:  # type: ignore[no-untyped-def]
