@@ -92,9 +92,10 @@ def _check(features: list[int], groups: list[list[int]], sigmas: list[float], nu
         raise InvalidParameter("features", f"at most {MAX_FEATURES}")
     if not 1 <= len(sigmas) <= MAX_SIGMAS or any(not 0.0 < s <= 4.0 for s in sigmas):
         raise InvalidParameter("sigmas", f"1 to {MAX_SIGMAS} noise levels, each in (0, 4]")
-    for feature in [*features, *(f for group in groups for f in group)]:
-        if not 0 <= feature < num:
-            raise InvalidParameter("features", f"{feature} is out of range for {num} features")
+    for param, named in (("features", features), ("groups", [f for group in groups for f in group])):
+        for feature in named:
+            if not 0 <= feature < num:
+                raise InvalidParameter(param, f"feature {feature} is out of range for {num} features")
     if any(not group for group in groups):
         raise InvalidParameter("groups", "a group names at least one feature")
 

@@ -71,6 +71,7 @@ def test_answers_do_not_depend_on_the_batch_and_groups_are_max_unions() -> None:
     ("kwargs", "param"),
     [
         ({"features": [8]}, "features"),
+        ({"groups": [[0], [-1]]}, "groups"),
         ({"features": [], "groups": []}, "features"),
         ({"groups": [[]]}, "groups"),
         ({"sigmas": [0.0]}, "sigmas"),
