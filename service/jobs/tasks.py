@@ -103,6 +103,17 @@ def _images_in_scope(store: DatasetStore, dataset_id: str, class_name: str | Non
     return images
 
 
+def _result_head(job_type: str, spec: dict[str, Any], described: Any) -> dict[str, Any]:
+    """The keys every dataset job's result starts with: what produced it, and on what."""
+    return {
+        "type": job_type,
+        "model": spec["model"],
+        "version": str(described.spec.get("version", "")),
+        "dataset_id": spec["dataset_id"],
+        "class_name": spec.get("class_name"),
+    }
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
@@ -135,11 +146,7 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
         raise _fail(f"invalid criticism parameters: {exc}") from None
     set_progress(1.0)
     return {
-        "type": "criticism",
-        "model": spec["model"],
-        "version": str(described.spec.get("version", "")),
-        "dataset_id": spec["dataset_id"],
-        "class_name": spec["class_name"],
+        **_result_head("criticism", spec, described),
         "method": spec["method"],
         "m": int(spec["m"]),
         "params": selection.params,
@@ -194,11 +201,7 @@ def _apem(spec: dict[str, Any]) -> dict[str, Any]:
         )
     set_progress(1.0)
     return {
-        "type": "apem",
-        "model": spec["model"],
-        "version": str(described.spec.get("version", "")),
-        "dataset_id": spec["dataset_id"],
-        "class_name": class_name,
+        **_result_head("apem", spec, described),
         "method": spec["method"],
         "max_images": int(spec["max_images"]),
         "seed": int(spec["seed"]),
@@ -235,11 +238,7 @@ def _audit(spec: dict[str, Any]) -> dict[str, Any]:
             classes.append({"class_name": class_name, "label": model_labels.index(class_name), **audited})
     set_progress(1.0)
     return {
-        "type": "audit",
-        "model": spec["model"],
-        "version": str(described.spec.get("version", "")),
-        "dataset_id": spec["dataset_id"],
-        "class_name": spec.get("class_name"),
+        **_result_head("audit", spec, described),
         "sigmas": list(spec["sigmas"]),
         "top_k": int(spec["top_k"]),
         "max_images": int(spec["max_images"]),
