@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from handlers.budget import images_per_pass
 from handlers.explainers.neural_features import activation_maps, neural_features
-from handlers.models.derived import inference_logits
+from handlers.models.derived import inference_features, inference_logits
 from handlers.validation import InvalidParameter
 
 MAX_FEATURES = 64
@@ -136,7 +136,7 @@ def noise_sensitivity(
     groups = groups or []
     if len(seeds) != images.shape[0]:
         raise InvalidParameter("seeds", f"expected {images.shape[0]}, got {len(seeds)}")
-    maps = neural_features(model, images, None).maps
+    maps = inference_features(model, images)
     _check(features, groups, sigmas, maps.shape[1])
     size = (images.shape[-2], images.shape[-1])
     wanted = sorted({*features, *(f for group in groups for f in group)})

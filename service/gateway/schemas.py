@@ -250,7 +250,10 @@ class AuditJobRequest(_In):
         max_length=8,
         description="noise levels (standard deviations, pixels in [0, 1]), equation 1",
     )
-    groups: dict[Annotated[str, Field(min_length=1, max_length=50)], list[Annotated[int, Field(ge=0)]]] = Field(
+    groups: dict[
+        Annotated[str, Field(min_length=1, max_length=50)],
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=512)],
+    ] = Field(
         default_factory=dict,
         max_length=8,
         description="named feature lists corrupted together (equation 2); `spurious` and `core` "

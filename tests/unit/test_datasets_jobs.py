@@ -364,5 +364,6 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     # refused at submission, with the reason
     assert_error(client.post("/v1/jobs", json={**job, "groups": {"core": [1]}}), 422, "invalid_params")
     assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
-    for bad in ({"sigmas": []}, {"sigmas": [0]}, {"top_k": 0}, {"gallery_images": 21}, {"nope": 1}):
+    for bad in ({"sigmas": []}, {"sigmas": [0]}, {"top_k": 0}, {"gallery_images": 21}, {"nope": 1},
+                {"class_name": "circle", "groups": {"core": []}}):
         assert_error(client.post("/v1/jobs", json={**job, **bad}), 422)
