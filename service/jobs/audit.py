@@ -40,6 +40,10 @@ from service.jobs.criticism import decode_array
 from service.torchserve_client import SyncTorchServeClient
 
 IMAGES_PER_CALL = 8
+CORRUPTED_PER_CALL = 256
+"""Most corrupted images one ``noise_sensitivity`` call may score (images x masks x levels):
+fewer images per call when many features, groups or levels are asked for, so that a call on
+a 224x224 model stays well inside TorchServe's response timeout (120 s by default) on CPU."""
 Read = Callable[[str], bytes]
 
 
@@ -81,8 +85,11 @@ def corrupt(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(features (F, S, N), groups (G, S, N), coverage (F, N))`` over the class's images."""
 
+    masks = (len(features) + len(groups)) * len(spec["sigmas"])
+    per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // max(1, masks)))
+
     def fetch(start: int) -> NoiseSensitivityResult:
-        batch = images[start : start + IMAGES_PER_CALL]
+        batch = images[start : start + per_call]
         request = NoiseSensitivityRequest(
             images=[_b64(read, i) for i in batch],
             seeds=[noise_seed(int(spec["seed"]), i["sha256"]) for i in batch],
@@ -92,7 +99,7 @@ def corrupt(
         )
         return client.call(spec["model"], request, NoiseSensitivityResult)
 
-    results = [r for _, r in in_flight(fetch, range(0, len(images), IMAGES_PER_CALL), concurrency)]
+    results = [r for _, r in in_flight(fetch, range(0, len(images), per_call), concurrency)]
     s = len(spec["sigmas"])
 
     def joined(rows: list[list[Any]], shape: tuple[int, ...]) -> np.ndarray:

@@ -361,6 +361,17 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     assert groups["core"]["features"] == [1, 3]
     assert [n["accuracy"] for n in audited[0]["core_accuracy"]] == [1.0, 1.0, 1.0]  # spurious: max 0
     assert [n["accuracy"] for n in audited[0]["spurious_accuracy"]] == [1.0, 0.0, 0.0]  # core: max 3
+    # top_k beyond the model's features: all of them; many masks x levels: fewer images per call
+    levels = [0.05 * k for k in range(1, 9)]
+    wide = client.post("/v1/jobs", json={**job, "class_name": "circle", "top_k": 20}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    fake_torchserve.State.requests.clear()
+    client.post("/v1/jobs", json={**job, "class_name": "circle", "sigmas": levels,
+                                  "groups": {f"g{k}": [k % 4] for k in range(8)}})
+    run_worker(settings, monkeypatch)
+    sizes = [len(r["images"]) for r in fake_torchserve.State.requests if r["task"] == "noise_sensitivity"]
+    assert sizes == [2, 2]  # (3 features + 8 groups) x 8 levels = 88 masks: 256 // 88 = 2 images per call
+    assert [f["feature"] for f in client.get(f"/v1/jobs/{wide}/result").json()["classes"][0]["features"]] == [3, 1, 2, 0]
     # refused at submission, with the reason
     assert_error(client.post("/v1/jobs", json={**job, "groups": {"core": [1]}}), 422, "invalid_params")
     assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
