@@ -44,6 +44,9 @@ CORRUPTED_PER_CALL = 256
 """Most corrupted images one ``noise_sensitivity`` call may score (images x masks x levels):
 fewer images per call when many features, groups or levels are asked for, so that a call on
 a 224x224 model stays well inside TorchServe's response timeout (120 s by default) on CPU."""
+MAX_OVERLAYS = 200
+"""Most NAM overlays (classes x ``top_k`` x ``gallery_images``) one job may return: results
+stay in Redis for the result TTL, and a 224x224 overlay is about 100 KB."""
 Read = Callable[[str], bytes]
 
 

@@ -375,6 +375,9 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     # refused at submission, with the reason
     assert_error(client.post("/v1/jobs", json={**job, "groups": {"core": [1]}}), 422, "invalid_params")
     assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
+    body = assert_error(client.post("/v1/jobs", json={**job, "top_k": 20, "gallery_images": 6}), 422, "invalid_params")
+    assert "2 classes with top_k 20 and gallery_images 6 would return 240 overlays" in body["error"]["message"]
+    assert client.post("/v1/jobs", json={**job, "class_name": "circle", "top_k": 20, "gallery_images": 10}).status_code == 202
     for bad in ({"sigmas": []}, {"sigmas": [0]}, {"top_k": 0}, {"gallery_images": 21}, {"nope": 1},
                 {"class_name": "circle", "groups": {"core": []}}):
         assert_error(client.post("/v1/jobs", json={**job, **bad}), 422)

@@ -29,6 +29,7 @@ from service.gateway.schemas import (
 )
 from service.imaging import decode_image
 from service.jobs import queue as jobq
+from service.jobs.audit import MAX_OVERLAYS
 from service.jobs.criticism import check_params
 from service.settings import Settings
 
@@ -52,7 +53,17 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
         check_task(described, "noise_sensitivity")
         if body.groups and body.class_name is None:
             raise ApiError(422, "invalid_params", "groups name features of one class: give class_name")
-        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "the audit")
+        classes = _check_dataset(body.dataset_id, body.class_name, settings)
+        _check_labels(classes, described, "the audit")
+        overlays = len(classes) * body.top_k * body.gallery_images
+        if overlays > MAX_OVERLAYS:
+            raise ApiError(
+                422,
+                "invalid_params",
+                f"an audit of {len(classes)} classes with top_k {body.top_k} and gallery_images "
+                f"{body.gallery_images} would return {overlays} overlays (at most {MAX_OVERLAYS}): "
+                "give class_name, or lower gallery_images or top_k",
+            )
         return spec
     check_task(described, "apem_set" if isinstance(body, ApemJobRequest) else "filter")
     if described.explainers and body.method not in described.explainers:
