@@ -1,4 +1,4 @@
-"""Criticism and apem jobs end to end, and what they do to interactive latency meanwhile.
+"""Criticism, apem and audit jobs end to end, and what they do to interactive latency meanwhile.
 
 Against a running stack (``make up``): uploads the first ``--images`` demo test images as one
 class, runs each ``--methods`` criticism job ``--rounds`` times and, while each runs, sends a
@@ -7,15 +7,18 @@ and the predictions' median and p95 latency, beside the idle latency. The job se
 the stack's: compare ``BEYOND_EMBED_CONCURRENCY=1`` and ``=2`` by restarting it between runs.
 With ``--apem N``, also scores the first N demo test images (in their classes) with gradient
 maps by one ``apem`` job and by N ``/apem`` requests one after another, and checks that both
-give every image the same sizes.
+give every image the same sizes. With ``--audit N``, runs the spurious-feature audit over the
+first N demo test images (in their classes) with the defaults, and without the overlays at
+one noise level, and prints seconds and result sizes.
 
-    python -m benchmarks.jobs --images 2000 --apem 200
+    python -m benchmarks.jobs --images 2000 --apem 200 --audit 600
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import threading
 import time
@@ -107,6 +110,24 @@ def apem_rows(beyond: BeyondClient, n: int) -> list[list]:
     ]
 
 
+def audit_rows(beyond: BeyondClient, n: int) -> list[list]:
+    """The audit job over ``n`` images: defaults, then no overlays and one noise level."""
+    dataset = beyond.upload_dataset(zipped(demo_files(n), one_class=False))["dataset_id"]
+    rows = []
+    try:
+        for name, options in (("defaults (5 features, 3 levels, 5 overlays each)", {}),
+                              ("5 features, 1 level, no overlays", {"sigmas": [0.25], "gallery_images": 0})):
+            start = time.perf_counter()
+            result = run_job(beyond, {"type": "audit", "model": MODEL, "dataset_id": dataset, "max_images": n,
+                                      **options})  # fmt: skip
+            seconds = time.perf_counter() - start
+            size = len(json.dumps(result)) / 1000
+            rows.append([name, len(result["classes"]), seconds, n / seconds, size])
+    finally:
+        beyond.delete_dataset(dataset)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -115,6 +136,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["adversarial", "mmd"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--apem", type=int, default=0, help="images of the apem comparison (0: skip)")
+    parser.add_argument("--audit", type=int, default=0, help="images of the audit job (0: skip)")
     args = parser.parse_args()
     key = args.api_key or get_settings().resolved_api_keys()[0]
     headers = {"Authorization": f"Bearer {key}"}
@@ -134,12 +156,16 @@ def main() -> None:
         finally:
             beyond.delete_dataset(dataset)
         scored = apem_rows(beyond, args.apem) if args.apem else []
+        audited = audit_rows(beyond, args.audit) if args.audit else []
     title = (f"criticism jobs on {args.images} images of {MODEL} ({args.url}); "
              f"idle /predict median {1000 * statistics.median(idle):.0f} ms")
     table(title, ["method", "job seconds", "/predict median ms", "/predict p95 ms", "predictions"], rows)
     if scored:
         title = f"APEM of gradient maps (grid step 1 x 2000), {MODEL}: same sizes for every image"
         table(title, ["how", "seconds", "images/s", "mean APEM", "Spearman rho (APEM, loss)"], scored)
+    if audited:
+        title = f"spurious-feature audit of the first {args.audit} demo test images, {MODEL}"
+        table(title, ["settings", "classes", "seconds", "images/s", "result KB"], audited)
 
 
 if __name__ == "__main__":
