@@ -264,8 +264,27 @@ class AuditJobRequest(_In):
     seed: int = Field(0, ge=0, description="seed of the sample and of the noise")
 
 
+class EvaluateJobRequest(_In):
+    """Top-1 and top-k error over a dataset, rectified by the human votes in its metadata
+    (paper 000, section 3.1: a prediction 4 of 5 raters find relevant counts as correct)."""
+
+    type: Literal["evaluate"]
+    model: str
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    class_name: str | None = Field(
+        None, min_length=1, max_length=200, description="one class; default: every class"
+    )
+    top_k: int = Field(5, ge=1, le=100)
+    agreement: float = Field(
+        0.8, gt=0, le=1, description="share of a prediction's raters who must find it relevant"
+    )
+    review_limit: int = Field(500, ge=0, le=5000, description="most images listed in to_review")
+    max_images: int = Field(20000, ge=1, le=20000, description="seeded sample of at most this many")
+    seed: int = Field(0, ge=0, description="seed of that sample")
+
+
 JobRequest = Annotated[
-    CriticismJobRequest | FilterJobRequest | ApemJobRequest | AuditJobRequest,
+    CriticismJobRequest | FilterJobRequest | ApemJobRequest | AuditJobRequest | EvaluateJobRequest,
     Field(discriminator="type"),
 ]
 
@@ -408,6 +427,63 @@ class AuditJobResult(_Out):
     elapsed_ms: float
 
 
+class ClassAccuracy(_Out):
+    class_name: str
+    label: int
+    n: int
+    top1_accuracy: float
+    topk_accuracy: float
+
+
+class Confusion(_Out):
+    class_name: str = Field(description="the true class")
+    predicted: str
+    count: int
+
+
+class RectifiedErrors(_Out):
+    agreement: float
+    top1_error: float = Field(description="misclassified unless the predicted class has the votes")
+    topk_error: float = Field(description="label not in the top k unless one of them has the votes")
+    misclassified_with_votes: int = Field(description="misclassified images whose prediction was judged")
+
+
+class ReviewPrediction(_Out):
+    class_name: str
+    probability: float
+
+
+class ReviewItem(_Out):
+    file: str
+    sha256: str
+    class_name: str
+    predictions: list[ReviewPrediction] = Field(description="the top k, most probable first")
+
+
+class EvaluateJobResult(_Out):
+    type: Literal["evaluate"] = "evaluate"
+    model: str
+    version: str
+    dataset_id: str
+    class_name: str | None
+    max_images: int
+    seed: int
+    n_candidates: int
+    n_images: int
+    top_k: int
+    top1_error: float
+    topk_error: float
+    per_class: list[ClassAccuracy]
+    confusions: list[Confusion] = Field(description="the 20 most frequent (true, predicted) pairs")
+    rectified: RectifiedErrors | None = Field(None, description="none without votes in the metadata")
+    n_misclassified: int
+    to_review: list[ReviewItem] = Field(
+        description="misclassified images with no votes for their prediction (at most review_limit)"
+    )
+    elapsed_ms: float
+
+
 JobResult = Annotated[
-    CriticismResult | FilterJobResult | ApemJobResult | AuditJobResult, Field(discriminator="type")
+    CriticismResult | FilterJobResult | ApemJobResult | AuditJobResult | EvaluateJobResult,
+    Field(discriminator="type"),
 ]

@@ -29,6 +29,7 @@ FUNCTIONS = {
     "filter": "service.jobs.tasks.run_filter",
     "apem": "service.jobs.tasks.run_apem",
     "audit": "service.jobs.tasks.run_audit",
+    "evaluate": "service.jobs.tasks.run_evaluate",
 }
 _STATES = {
     JobStatus.QUEUED: "queued",

@@ -25,6 +25,8 @@ from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs.audit import audit_class
 from service.jobs.criticism import class_index, gather_inputs, run_selection
+from service.jobs.evaluation import probabilities, read_votes
+from service.jobs.evaluation import summarise as summarise_evaluation
 from service.jobs.reliability import sample, score_images, summarise
 from service.settings import get_settings
 from service.torchserve_client import SyncTorchServeClient
@@ -248,6 +250,39 @@ def _audit(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    store = DatasetStore(settings)
+    manifest = store.get(spec["dataset_id"])
+    in_scope = _images_in_scope(store, spec["dataset_id"], spec.get("class_name"))
+    try:
+        votes = read_votes(manifest.get("metadata") if manifest else None)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
+    with SyncTorchServeClient(settings) as client:
+        described = client.describe(spec["model"])
+        model_labels = list(described.spec.get("labels", []))
+        unknown = sorted({i["class_name"] for i in images} - set(model_labels))
+        if unknown:
+            raise _fail(f"classes that are not labels of the model: {', '.join(unknown)}")
+        probs = probabilities(
+            client, spec["model"], images, store.read_image, settings.embed_batch_size, set_progress,
+            settings.embed_concurrency,
+        )
+    set_progress(1.0)
+    return {
+        **_result_head("evaluate", spec, described),
+        "max_images": int(spec["max_images"]),
+        "seed": int(spec["seed"]),
+        "n_candidates": len(in_scope),
+        **summarise_evaluation(images, probs, model_labels, votes, spec),
+        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
 def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
     """Model criticism on one class of a dataset (thesis 003): the ``m`` least typical images."""
     return _guarded(_criticism, spec)
@@ -262,6 +297,12 @@ def run_apem(spec: dict[str, Any]) -> dict[str, Any]:
     """APEM of an explanation method over a dataset, with its Spearman correlation with
     the loss (thesis 003, chapter 3 and section 5.4), computed by TorchServe in batches."""
     return _guarded(_apem, spec)
+
+
+def run_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Top-1 and top-k error of a dataset, rectified by its human votes (paper 000,
+    section 3.1), from TorchServe's class probabilities in batches."""
+    return _guarded(_evaluate, spec)
 
 
 def run_audit(spec: dict[str, Any]) -> dict[str, Any]:

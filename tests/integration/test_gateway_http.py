@@ -395,6 +395,41 @@ def test_audit_job_over_http_matches_the_library(api: httpx.Client, shapes_split
     assert [n["sigma"] for n in audited["spurious_accuracy"]] == [0.25, 1.0]
 
 
+def test_evaluate_job_over_http(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
+    """Top-1 error of 8 circles and 4 stars filed as circles, as the model itself predicts
+    them; raters' votes for `star` on two of the stars rectify those two (paper 000, 3.1)."""
+    import torch
+
+    from model_store.train import to_tensor
+
+    split = shapes_split("spurious", "test")
+    circles = [i for i, a in enumerate(split.attributes) if a["class_name"] == "circle"][:8]
+    stars = [i for i, a in enumerate(split.attributes) if a["class_name"] == "star"][:4]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in circles + stars:
+            out = io.BytesIO()
+            Image.fromarray(split.images[i]).save(out, format="PNG")
+            zf.writestr(f"circle/{i:05d}.png", out.getvalue())
+        zf.writestr("metadata.csv", "file,class_name,yes\n" + "".join(f"circle/{i:05d}.png,star,5\n" for i in stars[:2]))
+    dataset = api.post("/v1/datasets", files={"archive": ("d.zip", archive.getvalue(), "application/zip")})
+    assert dataset.status_code == 201 and dataset.json()["has_metadata"], dataset.text
+    accepted = api.post("/v1/jobs", json={"type": "evaluate", "model": MODEL, "dataset_id": dataset.json()["dataset_id"]})
+    assert accepted.status_code == 202, accepted.text
+    status = wait_job(api, accepted.json()["job_id"])
+    assert status["status"] == "finished", status
+    result = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()
+    model, _ = demo_model(MODEL)
+    with torch.no_grad():
+        predicted = model(to_tensor(split.images[circles + stars])).argmax(1)
+    wrong = int((predicted != CLASS_NAMES.index("circle")).sum())
+    assert wrong >= 4 and result["top1_error"] == pytest.approx(wrong / 12)
+    assert result["rectified"]["top1_error"] == pytest.approx((wrong - 2) / 12)
+    assert {"class_name": "circle", "predicted": "star", "count": 4} in result["confusions"]
+    assert {r["file"] for r in result["to_review"]} >= {f"circle/{i:05d}.png" for i in stars[2:]}
+    assert all(r["predictions"][0]["probability"] >= r["predictions"][1]["probability"] for r in result["to_review"])
+
+
 def test_command_line_client(stack: Stack, shapes_split, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`python -m service.client` against the real stack: a prediction, an attack whose
     pictures are saved, and a refusal on stderr with exit status 1."""

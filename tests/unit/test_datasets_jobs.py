@@ -381,3 +381,45 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     for bad in ({"sigmas": []}, {"sigmas": [0]}, {"top_k": 0}, {"gallery_images": 21}, {"nope": 1},
                 {"class_name": "circle", "groups": {"core": []}}):
         assert_error(client.post("/v1/jobs", json={**job, **bad}), 422)
+
+
+def test_evaluate_job_errors_rectified_by_votes(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paper 000, section 3.1. The fake ranks circle first for the first 7 of 10 images, then
+    square: square/1 and both triangles are top-1 errors, the triangles top-2 errors too.
+    Four of five raters found square relevant for triangle/1 (rectified), three of five
+    circle for square/1 (not enough); triangle/2 has no votes, so it is the one to review."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(1, 7)}
+    entries |= {f"square/{i}.png": colored(i) for i in (1, 2)}
+    entries |= {f"triangle/{i}.png": colored(i) for i in (1, 2)}
+    votes = "file,class_name,yes,raters\ntriangle/1.png,square,4,5\nsquare/1.png,circle,3,\n"
+    dataset = upload(client, make_zip({**entries, "metadata.csv": votes.encode()})).json()["dataset_id"]
+    job = {"type": "evaluate", "model": "shapes-resnet", "dataset_id": dataset, "top_k": 2}
+    job_id = client.post("/v1/jobs", json=job).json()["job_id"]
+    strict = client.post("/v1/jobs", json={**job, "agreement": 0.6, "review_limit": 0}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["type"] == "evaluate" and result["n_images"] == 10 and result["top_k"] == 2
+    assert result["top1_error"] == pytest.approx(0.3) and result["topk_error"] == pytest.approx(0.2)
+    assert result["rectified"] == {"agreement": 0.8, "top1_error": pytest.approx(0.2), "topk_error": pytest.approx(0.1),
+                                   "misclassified_with_votes": 2}
+    assert result["n_misclassified"] == 3
+    (review,) = result["to_review"]
+    assert review["file"] == "triangle/2.png" and [p["class_name"] for p in review["predictions"]] == ["square", "circle"]
+    accuracy = {c["class_name"]: (c["n"], c["top1_accuracy"], c["topk_accuracy"]) for c in result["per_class"]}
+    assert accuracy == {"circle": (6, 1.0, 1.0), "square": (2, 0.5, 1.0), "triangle": (2, 0.0, 0.0)}
+    assert result["confusions"] == [{"class_name": "triangle", "predicted": "square", "count": 2},
+                                    {"class_name": "square", "predicted": "circle", "count": 1}]
+    lenient = client.get(f"/v1/jobs/{strict}/result").json()
+    assert lenient["rectified"]["top1_error"] == pytest.approx(0.1) and lenient["to_review"] == []
+    # a dataset without votes: no rectified errors; malformed votes: refused on arrival
+    plain = upload(client, make_zip(entries)).json()["dataset_id"]
+    plain_id = client.post("/v1/jobs", json={**job, "dataset_id": plain, "class_name": "triangle"}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    alone = client.get(f"/v1/jobs/{plain_id}/result").json()
+    assert alone["rectified"] is None and alone["n_images"] == 2 and alone["n_candidates"] == 2
+    bad = upload(client, make_zip({**entries, "metadata.csv": b"file,class_name,yes,raters\ncircle/1.png,square,7,5\n"}))
+    body = assert_error(client.post("/v1/jobs", json={**job, "dataset_id": bad.json()["dataset_id"]}), 422, "invalid_metadata")
+    assert "votes row 1" in body["error"]["message"]
+    assert_error(client.post("/v1/jobs", json={**job, "agreement": 0}), 422)

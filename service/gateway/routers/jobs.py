@@ -1,4 +1,4 @@
-"""``/v1/jobs``: enqueue criticism, filter, apem and audit jobs, follow them, fetch results, cancel."""
+"""``/v1/jobs``: enqueue criticism, filter, apem, audit and evaluate jobs, follow them, fetch results, cancel."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from service.gateway.schemas import (
     ApemJobRequest,
     AuditJobRequest,
     CriticismJobRequest,
+    EvaluateJobRequest,
     FilterJobRequest,
     JobAccepted,
     JobRequest,
@@ -31,6 +32,7 @@ from service.imaging import decode_image
 from service.jobs import queue as jobq
 from service.jobs.audit import MAX_OVERLAYS
 from service.jobs.criticism import check_params
+from service.jobs.evaluation import read_votes
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -48,6 +50,15 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
         problem = check_params(body.method, body.params, body.m)
         if problem:
             raise ApiError(422, "invalid_params", problem)
+        return spec
+    if isinstance(body, EvaluateJobRequest):
+        check_task(described, "embed")
+        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "an error")
+        manifest = DatasetStore(settings).get(body.dataset_id) or {}
+        try:
+            read_votes(manifest.get("metadata"))
+        except ValueError as exc:
+            raise ApiError(422, "invalid_metadata", str(exc)) from None
         return spec
     if isinstance(body, AuditJobRequest):
         check_task(described, "noise_sensitivity")
