@@ -116,6 +116,25 @@ def _result_head(job_type: str, spec: dict[str, Any], described: Any) -> dict[st
     }
 
 
+def _begin(spec: dict[str, Any]) -> tuple[float, Any, DatasetStore, list[dict[str, Any]]]:
+    """A dataset job's start: its clock, the settings, the store and the images in scope."""
+    start = time.perf_counter()
+    settings = get_settings()
+    set_progress(0.0)
+    store = DatasetStore(settings)
+    return start, settings, store, _images_in_scope(store, spec["dataset_id"], spec.get("class_name"))
+
+
+def _labelled(client: SyncTorchServeClient, model: str, images: list[dict[str, Any]]) -> tuple[Any, list[str]]:
+    """The model's description and labels; a job failure if an image's class is not a label."""
+    described = client.describe(model)
+    model_labels = list(described.spec.get("labels", []))
+    unknown = sorted({i["class_name"] for i in images} - set(model_labels))
+    if unknown:
+        raise _fail(f"classes that are not labels of the model: {', '.join(unknown)}")
+    return described, model_labels
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
@@ -184,19 +203,10 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apem(spec: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    settings = get_settings()
-    set_progress(0.0)
-    store = DatasetStore(settings)
-    class_name = spec.get("class_name")
-    in_scope = _images_in_scope(store, spec["dataset_id"], class_name)
+    start, settings, store, in_scope = _begin(spec)
     images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     with SyncTorchServeClient(settings) as client:
-        described = client.describe(spec["model"])
-        model_labels = list(described.spec.get("labels", []))
-        unknown = sorted({i["class_name"] for i in images} - set(model_labels))
-        if unknown:
-            raise _fail(f"classes that are not labels of the model (no loss): {', '.join(unknown)}")
+        described, model_labels = _labelled(client, spec["model"], images)
         labels = [model_labels.index(i["class_name"]) for i in images]
         results = score_images(
             client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
@@ -214,18 +224,10 @@ def _apem(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _audit(spec: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    settings = get_settings()
-    set_progress(0.0)
-    store = DatasetStore(settings)
-    in_scope = _images_in_scope(store, spec["dataset_id"], spec.get("class_name"))
+    start, settings, store, in_scope = _begin(spec)
     class_names = sorted({i["class_name"] for i in in_scope})
     with SyncTorchServeClient(settings) as client:
-        described = client.describe(spec["model"])
-        model_labels = list(described.spec.get("labels", []))
-        unknown = [c for c in class_names if c not in model_labels]
-        if unknown:
-            raise _fail(f"classes that are not labels of the model: {', '.join(unknown)}")
+        described, model_labels = _labelled(client, spec["model"], in_scope)
         classes = []
         for done, class_name in enumerate(class_names):
             images = sample([i for i in in_scope if i["class_name"] == class_name], int(spec["max_images"]), int(spec["seed"]))
@@ -251,23 +253,15 @@ def _audit(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    settings = get_settings()
-    set_progress(0.0)
-    store = DatasetStore(settings)
+    start, settings, store, in_scope = _begin(spec)
     manifest = store.get(spec["dataset_id"])
-    in_scope = _images_in_scope(store, spec["dataset_id"], spec.get("class_name"))
     try:
         votes = read_votes(manifest.get("metadata") if manifest else None)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     with SyncTorchServeClient(settings) as client:
-        described = client.describe(spec["model"])
-        model_labels = list(described.spec.get("labels", []))
-        unknown = sorted({i["class_name"] for i in images} - set(model_labels))
-        if unknown:
-            raise _fail(f"classes that are not labels of the model: {', '.join(unknown)}")
+        described, model_labels = _labelled(client, spec["model"], images)
         probs = probabilities(
             client, spec["model"], images, store.read_image, settings.embed_batch_size, set_progress,
             settings.embed_concurrency,
