@@ -28,7 +28,7 @@ from service.jobs.criticism import class_index, gather_inputs, run_selection
 from service.jobs.evaluation import probabilities, read_votes
 from service.jobs.evaluation import summarise as summarise_evaluation
 from service.jobs.reliability import sample, score_images, summarise
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.torchserve_client import SyncTorchServeClient
 
 log = logging.getLogger("beyond.jobs")
@@ -116,7 +116,7 @@ def _result_head(job_type: str, spec: dict[str, Any], described: Any) -> dict[st
     }
 
 
-def _begin(spec: dict[str, Any]) -> tuple[float, Any, DatasetStore, list[dict[str, Any]]]:
+def _begin(spec: dict[str, Any]) -> tuple[float, Settings, DatasetStore, list[dict[str, Any]]]:
     """A dataset job's start: its clock, the settings, the store and the images in scope."""
     start = time.perf_counter()
     settings = get_settings()
