@@ -421,6 +421,8 @@ class AuditJobResult(_Out):
     class_name: str | None
     sigmas: list[float]
     top_k: int
+    gallery_images: int
+    groups: dict[str, list[int]]
     max_images: int
     seed: int
     classes: list[AuditedClass]
@@ -466,6 +468,8 @@ class EvaluateJobResult(_Out):
     version: str
     dataset_id: str
     class_name: str | None
+    agreement: float
+    review_limit: int
     max_images: int
     seed: int
     n_candidates: int

@@ -245,6 +245,8 @@ def _audit(spec: dict[str, Any]) -> dict[str, Any]:
         **_result_head("audit", spec, described),
         "sigmas": list(spec["sigmas"]),
         "top_k": int(spec["top_k"]),
+        "gallery_images": int(spec["gallery_images"]),
+        "groups": dict(spec.get("groups") or {}),
         "max_images": int(spec["max_images"]),
         "seed": int(spec["seed"]),
         "classes": classes,
@@ -269,6 +271,8 @@ def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     set_progress(1.0)
     return {
         **_result_head("evaluate", spec, described),
+        "agreement": float(spec["agreement"]),
+        "review_limit": int(spec["review_limit"]),
         "max_images": int(spec["max_images"]),
         "seed": int(spec["seed"]),
         "n_candidates": len(in_scope),

@@ -357,6 +357,8 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     assert circle["groups"] == [] and circle["core_accuracy"] is None
     audited = client.get(f"/v1/jobs/{grouped}/result").json()["classes"]
     assert len(audited) == 1
+    assert client.get(f"/v1/jobs/{grouped}/result").json()["groups"] == {"spurious": [0], "core": [1, 3]}
+    assert result["gallery_images"] == 2 and result["groups"] == {}
     groups = {g["name"]: g for g in audited[0]["groups"]}
     assert groups["core"]["features"] == [1, 3]
     assert [n["accuracy"] for n in audited[0]["core_accuracy"]] == [1.0, 1.0, 1.0]  # spurious: max 0
@@ -401,6 +403,7 @@ def test_evaluate_job_errors_rectified_by_votes(
     run_worker(settings, monkeypatch)
     result = client.get(f"/v1/jobs/{job_id}/result").json()
     assert result["type"] == "evaluate" and result["n_images"] == 10 and result["top_k"] == 2
+    assert (result["agreement"], result["review_limit"], result["max_images"]) == (0.8, 500, 20000)
     assert result["top1_error"] == pytest.approx(0.3) and result["topk_error"] == pytest.approx(0.2)
     assert result["rectified"] == {"agreement": 0.8, "top1_error": pytest.approx(0.2), "topk_error": pytest.approx(0.1),
                                    "misclassified_with_votes": 2}
