@@ -7,11 +7,11 @@ and the predictions' median and p95 latency, beside the idle latency. The job se
 the stack's: compare ``BEYOND_EMBED_CONCURRENCY=1`` and ``=2`` by restarting it between runs.
 With ``--apem N``, also scores the first N demo test images (in their classes) with gradient
 maps by one ``apem`` job and by N ``/apem`` requests one after another, and checks that both
-give every image the same sizes. With ``--audit N``, runs the spurious-feature audit over the
-first N demo test images (in their classes) with the defaults, and without the overlays at
-one noise level, and prints seconds and result sizes.
+give every image the same sizes. With ``--audit N`` (``--evaluate N``), runs the spurious-feature audit
+with the defaults and without overlays at one noise level (the evaluate job) over the first
+N demo test images in their classes, and prints seconds and result sizes.
 
-    python -m benchmarks.jobs --images 2000 --apem 200 --audit 600
+    python -m benchmarks.jobs --images 2000 --apem 200 --audit 1200 --evaluate 3000
 """
 
 from __future__ import annotations
@@ -110,22 +110,27 @@ def apem_rows(beyond: BeyondClient, n: int) -> list[list]:
     ]
 
 
-def audit_rows(beyond: BeyondClient, n: int) -> list[list]:
-    """The audit job over ``n`` images: defaults, then no overlays and one noise level."""
+def timed_jobs(beyond: BeyondClient, n: int, jobs: list[tuple[str, dict]]) -> list[list]:
+    """Each ``(name, job)`` over the first ``n`` demo test images in their classes: seconds,
+    images per second and result size."""
     dataset = beyond.upload_dataset(zipped(demo_files(n), one_class=False))["dataset_id"]
     rows = []
     try:
-        for name, options in (("defaults (5 features, 3 levels, 5 overlays each)", {}),
-                              ("5 features, 1 level, no overlays", {"sigmas": [0.25], "gallery_images": 0})):
+        for name, job in jobs:
             start = time.perf_counter()
-            result = run_job(beyond, {"type": "audit", "model": MODEL, "dataset_id": dataset, "max_images": n,
-                                      **options})  # fmt: skip
+            result = run_job(beyond, {"model": MODEL, "dataset_id": dataset, "max_images": n, **job})
             seconds = time.perf_counter() - start
-            size = len(json.dumps(result)) / 1000
-            rows.append([name, len(result["classes"]), seconds, n / seconds, size])
+            rows.append([name, seconds, n / seconds, len(json.dumps(result)) / 1000])
     finally:
         beyond.delete_dataset(dataset)
     return rows
+
+
+AUDITS = [
+    ("audit, defaults (5 features, 3 levels, 5 overlays each)", {"type": "audit"}),
+    ("audit, 5 features, 1 level, no overlays", {"type": "audit", "sigmas": [0.25], "gallery_images": 0}),
+]
+EVALUATION = [("evaluate, top-5", {"type": "evaluate"})]
 
 
 def main() -> None:
@@ -136,7 +141,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["adversarial", "mmd"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--apem", type=int, default=0, help="images of the apem comparison (0: skip)")
-    parser.add_argument("--audit", type=int, default=0, help="images of the audit job (0: skip)")
+    parser.add_argument("--audit", type=int, default=0, help="images of the audit jobs (0: skip)")
+    parser.add_argument("--evaluate", type=int, default=0, help="images of the evaluate job (0: skip)")
     args = parser.parse_args()
     key = args.api_key or get_settings().resolved_api_keys()[0]
     headers = {"Authorization": f"Bearer {key}"}
@@ -156,7 +162,8 @@ def main() -> None:
         finally:
             beyond.delete_dataset(dataset)
         scored = apem_rows(beyond, args.apem) if args.apem else []
-        audited = audit_rows(beyond, args.audit) if args.audit else []
+        audited = timed_jobs(beyond, args.audit, AUDITS) if args.audit else []
+        audited += timed_jobs(beyond, args.evaluate, EVALUATION) if args.evaluate else []
     title = (f"criticism jobs on {args.images} images of {MODEL} ({args.url}); "
              f"idle /predict median {1000 * statistics.median(idle):.0f} ms")
     table(title, ["method", "job seconds", "/predict median ms", "/predict p95 ms", "predictions"], rows)
@@ -164,8 +171,8 @@ def main() -> None:
         title = f"APEM of gradient maps (grid step 1 x 2000), {MODEL}: same sizes for every image"
         table(title, ["how", "seconds", "images/s", "mean APEM", "Spearman rho (APEM, loss)"], scored)
     if audited:
-        title = f"spurious-feature audit of the first {args.audit} demo test images, {MODEL}"
-        table(title, ["settings", "classes", "seconds", "images/s", "result KB"], audited)
+        title = f"audit ({args.audit} images) and evaluate ({args.evaluate} images) jobs, {MODEL}"
+        table(title, ["job", "seconds", "images/s", "result KB"], audited)
 
 
 if __name__ == "__main__":
