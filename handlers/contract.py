@@ -200,6 +200,17 @@ class NoiseSensitivityRequest(_Strict):
     sigmas: list[float] = Field(min_length=1)
 
 
+class MaskSensitivityRequest(_Strict):
+    """Predictions with annotated regions (one soft mask image per image, its grey level
+    the mask) corrupted by Gaussian noise (paper 002, section 5, definition 2)."""
+
+    task: Literal["mask_sensitivity"] = "mask_sensitivity"
+    images: list[ImageData] = Field(min_length=1)
+    masks: list[ImageData] = Field(min_length=1)
+    seeds: list[int]
+    sigmas: list[float] = Field(min_length=1)
+
+
 TaskRequest = Annotated[
     DescribeRequest
     | PredictRequest
@@ -211,7 +222,8 @@ TaskRequest = Annotated[
     | RobustnessRequest
     | FilterRequest
     | ClassFeaturesRequest
-    | NoiseSensitivityRequest,
+    | NoiseSensitivityRequest
+    | MaskSensitivityRequest,
     Field(discriminator="task"),
 ]
 
@@ -323,6 +335,13 @@ class NoiseSensitivityResult(_Result):
     features: list[list[list[int]]] = Field(description="[feature][sigma][image] predictions")
     groups: list[list[list[int]]] = Field(description="[group][sigma][image] predictions")
     coverage: list[list[float]] = Field(description="[feature][image] mean of the feature's mask")
+
+
+class MaskSensitivityResult(_Result):
+    sigmas: list[float]
+    clean: list[int] = Field(description="predictions of the clean images")
+    predictions: list[list[int]] = Field(description="[sigma][image] with the masked region corrupted")
+    coverage: list[float] = Field(description="[image] mean of the mask, as the model sees it")
 
 
 class FilterResult(_Result):

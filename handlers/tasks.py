@@ -32,7 +32,7 @@ from handlers.attacks.pictures import adversarial_png, as_delivered, perturbatio
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
-from handlers.metrics.feature_sensitivity import class_features, noise_sensitivity
+from handlers.metrics.feature_sensitivity import class_features, mask_sensitivity, noise_sensitivity
 from handlers.metrics.params import ApemParams, FilterParams
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
@@ -137,6 +137,7 @@ class TaskRunner:
             "filter": self.filter,
             "class_features": self.class_features,
             "noise_sensitivity": self.noise_sensitivity,
+            "mask_sensitivity": self.mask_sensitivity,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -378,6 +379,21 @@ class TaskRunner:
         return contract.NoiseSensitivityResult(
             sigmas=request.sigmas, clean=found.clean.tolist(), features=found.features.tolist(),
             groups=found.groups.tolist(), coverage=found.coverage.tolist(), **self._stamp(start),
+        )
+
+    def mask_sensitivity(self, request: contract.MaskSensitivityRequest) -> contract.MaskSensitivityResult:
+        """Predictions with annotated regions corrupted by noise (paper 002, section 5). A mask
+        goes through the model's own resizing and cropping, so it stays on its image."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        if len(request.masks) != x.shape[0]:
+            raise TaskError(422, "bad_parameter", f"masks: expected {x.shape[0]}, got {len(request.masks)}")
+        masks = self.tensors(request.masks).mean(dim=1)
+        with refusals():
+            predictions, clean = mask_sensitivity(self.model, x, masks, request.seeds, request.sigmas)
+        return contract.MaskSensitivityResult(
+            sigmas=request.sigmas, clean=clean.tolist(), predictions=predictions.tolist(),
+            coverage=masks.mean(dim=(1, 2)).tolist(), **self._stamp(start),
         )
 
     # ------------------------------------------------------------------ attacks

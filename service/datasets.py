@@ -1,7 +1,9 @@
 """Dataset archives: safe extraction, image validation, content-addressed storage.
 
 An archive (zip, tar or tar.gz, recognised by signature) holds ``class_name/image`` files
-and optionally a root ``metadata.json`` or ``metadata.csv``. Nothing is ever extracted with
+and optionally a root ``metadata.json`` or ``metadata.csv``, and soft region masks
+(``_masks/<kind>/<the image's path>``, kind ``core`` or ``spurious``, an image of the same size
+whose grey level is the mask; paper 002's annotations). Nothing is ever extracted with
 ``extractall``: each member is checked (no absolute paths, no ``..``, no links or devices),
 counted against the file-count and total-unpacked-size limits, read with a cap, validated
 by :func:`service.imaging.decode_image` and stored as canonical PNG under
@@ -34,6 +36,8 @@ from service.imaging import decode_image
 from service.settings import Settings
 
 METADATA_NAMES = {"metadata.json", "metadata.csv"}
+MASKS_FOLDER = "_masks"
+MASK_KINDS = ("core", "spurious")
 MAX_METADATA_BYTES = 1024 * 1024
 _ID_CHARS = set("0123456789abcdef")
 
@@ -170,6 +174,22 @@ def _parse_metadata(name: str, data: bytes) -> Any:
         raise ApiError(422, "invalid_metadata", f"{name} is not valid") from None
 
 
+def _attach_masks(
+    images: list[dict[str, Any]], masks: dict[tuple[str, str], dict[str, Any]], skipped: list[dict[str, str]]
+) -> None:
+    """Give each image its masks (``image["masks"][kind] = sha256``); report the others."""
+    by_file = {image["file"]: image for image in images}
+    for (kind, file), mask in sorted(masks.items()):
+        image = by_file.get(file)
+        if image is None:
+            skipped.append({"file": mask["file"], "reason": "a mask of no image in the archive"})
+        elif (mask["width"], mask["height"]) != (image["width"], image["height"]):
+            skipped.append({"file": mask["file"], "reason": f"mask is {mask['width']}x{mask['height']}, "
+                                                            f"its image {image['width']}x{image['height']}"})  # fmt: skip
+        else:
+            image.setdefault("masks", {})[kind] = mask["sha256"]
+
+
 def _valid_class(name: str) -> bool:
     return 0 < len(name) <= 200 and name.isprintable() and not name.startswith(".")
 
@@ -220,10 +240,12 @@ class DatasetStore:
         budget = _Budget(self.settings)
         images: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
+        masks: dict[tuple[str, str], dict[str, Any]] = {}
         metadata = None
         with self._locked():
             for member in iter_members(fileobj):
-                metadata = self._ingest_member(member, budget, images, skipped, metadata)
+                metadata = self._ingest_member(member, budget, images, skipped, metadata, masks)
+            _attach_masks(images, masks, skipped)
             if not images:
                 raise ApiError(
                     422,
@@ -243,11 +265,15 @@ class DatasetStore:
         images: list[dict[str, Any]],
         skipped: list[dict[str, str]],
         metadata: Any,
+        masks: dict[tuple[str, str], dict[str, Any]],
     ) -> Any:
         budget.count_file()
         path = safe_member_path(member.name)
         parts = [p for p in path.parts if p not in ("", ".")]
         if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            return metadata
+        if parts[0] == MASKS_FOLDER:
+            self._ingest_mask(member, parts, budget, skipped, masks)
             return metadata
         if len(parts) == 1 and parts[0] in METADATA_NAMES:
             data = _read_member(member, MAX_METADATA_BYTES, budget)
@@ -260,36 +286,55 @@ class DatasetStore:
         if len(parts) < 2 or not _valid_class(parts[-2]):
             skipped.append({"file": shown, "reason": "not inside a class folder"})
             return metadata
+        stored = self._store_image(member, shown, budget, skipped)
+        if stored is not None:
+            images.append({"class_name": parts[-2], "file": shown, **stored})
+        return metadata
+
+    def _store_image(
+        self, member: _Member, shown: str, budget: _Budget, skipped: list[dict[str, str]]
+    ) -> dict[str, Any] | None:
+        """Read, validate and store one image file: its sha256 and size, or None (skipped)."""
         data = _read_member(member, self.settings.max_upload_bytes, budget)
         if data is None:
             skipped.append({"file": shown, "reason": "file exceeds the per-image byte limit"})
-            return metadata
+            return None
         try:
             canonical = decode_image(data, self.settings.max_image_pixels)
         except ApiError as exc:
             skipped.append({"file": shown, "reason": exc.message})
-            return metadata
+            return None
         sha = hashlib.sha256(canonical.png).hexdigest()
         target = self.blob_path(sha)
         if not target.exists():
             self._write_atomic(target, canonical.png)
-        images.append(
-            {
-                "class_name": parts[-2],
-                "file": shown,
-                "sha256": sha,
-                "width": canonical.width,
-                "height": canonical.height,
-            }
-        )
-        return metadata
+        return {"sha256": sha, "width": canonical.width, "height": canonical.height}
+
+    def _ingest_mask(
+        self,
+        member: _Member,
+        parts: list[str],
+        budget: _Budget,
+        skipped: list[dict[str, str]],
+        masks: dict[tuple[str, str], dict[str, Any]],
+    ) -> None:
+        shown = "/".join(parts)[:300]
+        if len(parts) < 4 or parts[1] not in MASK_KINDS:
+            skipped.append({"file": shown, "reason": f"a mask lives in {MASKS_FOLDER}/core/ or {MASKS_FOLDER}/spurious/ "
+                                                     "followed by its image's path"})  # fmt: skip
+            return
+        stored = self._store_image(member, shown, budget, skipped)
+        if stored is not None:
+            masks[(parts[1], "/".join(parts[2:])[:300])] = {"file": shown, **stored}
 
     @staticmethod
     def _manifest(
         images: list[dict[str, Any]], skipped: list[dict[str, str]], metadata: Any
     ) -> dict[str, Any]:
         images.sort(key=lambda i: (i["class_name"], i["file"]))
-        key = json.dumps([[i["class_name"], i["file"], i["sha256"]] for i in images]).encode()
+        key = json.dumps(  # masks only when present: an upload without them keeps its id
+            [[i["class_name"], i["file"], i["sha256"], *([i["masks"]] if "masks" in i else [])] for i in images]
+        ).encode()
         dataset_id = hashlib.sha256(key).hexdigest()[:32]
         classes: dict[str, int] = {}
         for image in images:
@@ -299,6 +344,7 @@ class DatasetStore:
             "created_at": datetime.now(UTC).isoformat(),
             "classes": classes,
             "n_images": len(images),
+            "masks": {kind: sum(kind in i.get("masks", {}) for i in images) for kind in MASK_KINDS},
             "images": images,
             "skipped": skipped,
             "metadata": metadata,

@@ -177,6 +177,9 @@ class DatasetResponse(_Out):
     n_images: int
     skipped: list[SkippedFile] = Field(default_factory=list)
     has_metadata: bool = False
+    masks: dict[str, int] = Field(
+        default_factory=dict, description="images with a core / spurious region mask (_masks/<kind>/...)"
+    )
     created_at: datetime | None = None
 
 
@@ -402,6 +405,14 @@ class AuditedGroup(_Out):
     noise: list[NoiseAccuracy]
 
 
+class AnnotatedRegion(_Out):
+    kind: Literal["core", "spurious"]
+    n_images: int = Field(description="images of the class uploaded with this kind of mask")
+    accuracy: float = Field(description="clean accuracy on those images")
+    coverage: float = Field(description="mean of the masks as the model sees them")
+    noise: list[NoiseAccuracy]
+
+
 class AuditedClass(_Out):
     class_name: str
     label: int
@@ -411,6 +422,13 @@ class AuditedClass(_Out):
     groups: list[AuditedGroup]
     core_accuracy: list[NoiseAccuracy] | None = Field(None, description="the `spurious` group corrupted")
     spurious_accuracy: list[NoiseAccuracy] | None = Field(None, description="the `core` group corrupted")
+    annotated: list[AnnotatedRegion] = Field(default_factory=list, description="uploaded masks corrupted")
+    annotated_core_accuracy: list[NoiseAccuracy] | None = Field(
+        None, description="the uploaded spurious masks corrupted (definition 2)"
+    )
+    annotated_spurious_accuracy: list[NoiseAccuracy] | None = Field(
+        None, description="the uploaded core masks corrupted"
+    )
 
 
 class AuditJobResult(_Out):

@@ -13,6 +13,11 @@ Per class (one, or every class of the dataset; a seeded sample of ``max_images``
    with ``nam`` for that feature (Appendix A.2: the map over the image, jet colormap), the
    panel the paper's workers judged core or spurious from.
 
+Images uploaded with region masks (``_masks/core/...``, ``_masks/spurious/...``; Salient
+ImageNet's masks, or ground truth) are also corrupted under their own masks: noise on the
+spurious mask gives the annotated core accuracy, on the core mask the annotated spurious
+accuracy (definition 2 with the annotations instead of feature maps).
+
 Groups are the auditor's answer to that judgement: ``{"spurious": [...], "core": [...]}``
 gives core accuracy (spurious regions corrupted) and spurious accuracy (core regions
 corrupted), definition 2; any other name is reported as its own accuracy under noise.
@@ -32,9 +37,12 @@ from handlers.contract import (
     ClassFeaturesResult,
     ExplainRequest,
     ExplainResult,
+    MaskSensitivityRequest,
+    MaskSensitivityResult,
     NoiseSensitivityRequest,
     NoiseSensitivityResult,
 )
+from service.datasets import MASK_KINDS
 from service.jobs.calls import in_flight
 from service.jobs.criticism import decode_array
 from service.torchserve_client import SyncTorchServeClient
@@ -115,6 +123,36 @@ def corrupt(
     return by_feature, by_group, coverage
 
 
+def corrupt_annotated(
+    client: SyncTorchServeClient, spec: dict[str, Any], images: list[dict[str, Any]], kind: str, label: int,
+    read: Read, concurrency: int,
+) -> dict[str, Any]:
+    """Accuracy with each image's ``kind`` mask (uploaded under ``_masks/<kind>/``) corrupted."""
+    sigmas = list(spec["sigmas"])
+    per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // len(sigmas)))
+
+    def fetch(start: int) -> MaskSensitivityResult:
+        batch = images[start : start + per_call]
+        request = MaskSensitivityRequest(
+            images=[_b64(read, i) for i in batch],
+            masks=[base64.b64encode(read(i["masks"][kind])).decode() for i in batch],
+            seeds=[noise_seed(int(spec["seed"]), i["sha256"]) for i in batch],
+            sigmas=sigmas,
+        )
+        return client.call(spec["model"], request, MaskSensitivityResult)
+
+    results = [r for _, r in in_flight(fetch, range(0, len(images), per_call), concurrency)]
+    predictions = np.concatenate([np.asarray(r.predictions, dtype=np.int64).reshape(len(sigmas), -1) for r in results], axis=1)
+    clean = float(np.mean([p == label for r in results for p in r.clean]))
+    return {
+        "kind": kind,
+        "n_images": len(images),
+        "accuracy": clean,
+        "coverage": float(np.mean([c for r in results for c in r.coverage])),
+        "noise": _accuracies(predictions, np.full(len(images), label), sigmas, clean),
+    }
+
+
 def _accuracies(predictions: np.ndarray, labels: np.ndarray, sigmas: list[float], clean: float) -> list[dict[str, float]]:
     """Per noise level of ``(S, N)`` predictions: accuracy and its drop from the clean one."""
     return [
@@ -182,6 +220,12 @@ def audit_class(
         for g, (name, members) in enumerate(named.items())
     ]
     accuracy_of = {g["name"]: g["noise"] for g in group_results}
+    annotated = [
+        corrupt_annotated(client, spec, marked, kind, label, read, concurrency)
+        for kind in MASK_KINDS
+        if (marked := [i for i in images if kind in i.get("masks", {})])
+    ]
+    annotated_of = {a["kind"]: a["noise"] for a in annotated}
     return {
         "n_images": len(images),
         "accuracy": clean,
@@ -189,4 +233,7 @@ def audit_class(
         "groups": group_results,
         "core_accuracy": accuracy_of.get("spurious"),
         "spurious_accuracy": accuracy_of.get("core"),
+        "annotated": annotated,
+        "annotated_core_accuracy": annotated_of.get("spurious"),
+        "annotated_spurious_accuracy": annotated_of.get("core"),
     }

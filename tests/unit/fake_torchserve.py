@@ -98,6 +98,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
                 "filter",
                 "class_features",
                 "noise_sensitivity",
+                "mask_sensitivity",
             ],
             "explainers": ["gradient", "smoothgrad"],
             "attacks": ["fgsm", "ifgsm", "pgd"],
@@ -167,6 +168,15 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "features": [[[1 if s * (f + 1) > 0.5 else 0] * n for s in req.sigmas] for f in req.features],
             "groups": [[[1 if s * max(g) > 0.5 else 0] * n for s in req.sigmas] for g in req.groups],
             "coverage": [[0.1 * f] * n for f in req.features],
+        }
+    if req.task == "mask_sensitivity":  # wrong once sigma x the mask's mean red level > 0.2
+        level = [_mean_red(mask) / 255 for mask in req.masks]
+        return {
+            **base,
+            "sigmas": req.sigmas,
+            "clean": [0] * len(level),
+            "predictions": [[1 if s * m > 0.2 else 0 for m in level] for s in req.sigmas],
+            "coverage": level,
         }
     if req.task == "embed":
         n = len(req.images)

@@ -426,3 +426,45 @@ def test_evaluate_job_errors_rectified_by_votes(
     body = assert_error(client.post("/v1/jobs", json={**job, "dataset_id": bad.json()["dataset_id"]}), 422, "invalid_metadata")
     assert "votes row 1" in body["error"]["message"]
     assert_error(client.post("/v1/jobs", json={**job, "agreement": 0}), 422)
+
+
+def grey(level: int, size: int = 6) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (size, size), level).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_region_masks_upload_and_audit(client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masks under _masks/<kind>/<image path> attach to their images (paper 002's annotated
+    regions); strays are reported. The fake flips an image once sigma x its mask's level
+    passes 0.2: white core masks flip from sigma 0.25, dark spurious ones (level 0.2) never."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(1, 4)}
+    entries |= {f"_masks/core/circle/{i}.png": grey(255) for i in range(1, 4)}
+    entries |= {"_masks/spurious/circle/1.png": grey(51), "_masks/spurious/circle/2.png": grey(51),
+                "_masks/spurious/circle/3.png": grey(51, size=5), "_masks/core/circle/9.png": grey(255),
+                "_masks/other/circle/1.png": grey(255)}
+    reply = upload(client, make_zip(entries))
+    assert reply.status_code == 201, reply.text
+    dataset = reply.json()
+    assert dataset["classes"] == {"circle": 3} and dataset["masks"] == {"core": 3, "spurious": 2}
+    reasons = {s["file"]: s["reason"] for s in dataset["skipped"]}
+    assert reasons["_masks/spurious/circle/3.png"] == "mask is 5x5, its image 6x6"
+    assert reasons["_masks/core/circle/9.png"] == "a mask of no image in the archive"
+    assert "_masks/core/ or _masks/spurious/" in reasons["_masks/other/circle/1.png"]
+    plain = upload(client, make_zip({f"circle/{i}.png": colored(i) for i in range(1, 4)})).json()
+    assert plain["dataset_id"] != dataset["dataset_id"] and plain["masks"] == {"core": 0, "spurious": 0}
+    job = {"type": "audit", "model": "shapes-resnet", "dataset_id": dataset["dataset_id"], "top_k": 1,
+           "sigmas": [0.1, 0.25, 0.5], "gallery_images": 0}
+    with_masks = client.post("/v1/jobs", json=job).json()["job_id"]
+    without = client.post("/v1/jobs", json={**job, "dataset_id": plain["dataset_id"]}).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    (audited,) = client.get(f"/v1/jobs/{with_masks}/result").json()["classes"]
+    regions = {a["kind"]: a for a in audited["annotated"]}
+    assert (regions["core"]["n_images"], regions["spurious"]["n_images"]) == (3, 2)
+    assert regions["core"]["coverage"] == pytest.approx(1.0) and regions["spurious"]["coverage"] == pytest.approx(0.2)
+    assert [n["accuracy"] for n in audited["annotated_spurious_accuracy"]] == [1.0, 0.0, 0.0]
+    assert [n["accuracy"] for n in audited["annotated_core_accuracy"]] == [1.0, 1.0, 1.0]
+    sent = [r for r in fake_torchserve.State.requests if r["task"] == "mask_sensitivity"]
+    assert sorted(len(r["masks"]) for r in sent) == [2, 3]
+    (bare,) = client.get(f"/v1/jobs/{without}/result").json()["classes"]
+    assert bare["annotated"] == [] and bare["annotated_core_accuracy"] is None

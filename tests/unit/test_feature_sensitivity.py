@@ -11,6 +11,7 @@ from handlers.metrics.feature_sensitivity import (
     class_features,
     gaussian_corruption,
     image_noise,
+    mask_sensitivity,
     noise_sensitivity,
 )
 from handlers.models.architectures import SplitNetwork
@@ -85,3 +86,17 @@ def test_refuses_bad_parameters(kwargs: dict, param: str) -> None:
     with pytest.raises(InvalidParameter) as refused:
         noise_sensitivity(model, x, **args)
     assert refused.value.param == param
+
+
+def test_annotated_masks_use_the_same_noise_as_feature_masks() -> None:
+    """A feature's own activation map given as an annotated mask gives its predictions."""
+    model, x = tiny_cnn(classes=4, seed=2), _images(5)
+    seeds, sigmas = [11, 12, 13, 14, 15], [0.2, 0.6]
+    by_feature = noise_sensitivity(model, x, seeds, [3], sigmas)
+    nam = activation_maps(neural_features(model, x, None).maps[:, 3], (8, 8))
+    predictions, clean = mask_sensitivity(model, x, nam, seeds, sigmas)
+    assert torch.equal(predictions, by_feature.features[0]) and torch.equal(clean, by_feature.clean)
+    with pytest.raises(InvalidParameter, match="masks"):
+        mask_sensitivity(model, x, nam[:, :4], seeds, sigmas)
+    with pytest.raises(InvalidParameter, match="masks"):
+        mask_sensitivity(model, x, nam * 2, seeds, sigmas)

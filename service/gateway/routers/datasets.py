@@ -25,6 +25,7 @@ def _response(manifest: dict[str, Any]) -> DatasetResponse:
         n_images=manifest["n_images"],
         skipped=manifest.get("skipped", []),
         has_metadata=manifest.get("metadata") is not None,
+        masks=manifest.get("masks", {}),
         created_at=manifest.get("created_at"),
     )
 
