@@ -430,6 +430,51 @@ def test_evaluate_job_over_http(api: httpx.Client, shapes_split, demo_model) -> 
     assert all(r["predictions"][0]["probability"] >= r["predictions"][1]["probability"] for r in result["to_review"])
 
 
+def test_audit_with_uploaded_region_masks(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
+    """Squares on the planted grass with their ground-truth masks under _masks/: the job's
+    annotated core and spurious accuracy are the library's with the same noise (paper 002,
+    definition 2), and show the biased model reading the grass."""
+    import torch
+
+    from handlers.metrics.feature_sensitivity import mask_sensitivity
+    from model_store.train import to_tensor
+    from service.imaging import decode_image
+    from service.jobs.audit import noise_seed
+
+    split = shapes_split("spurious", "test")
+    chosen = [i for i, a in enumerate(split.attributes) if a["class_name"] == "square" and a["background"] == "grass"][:10]
+    archive, pngs = io.BytesIO(), []
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in chosen:
+            out = io.BytesIO()
+            Image.fromarray(split.images[i]).save(out, format="PNG")
+            pngs.append(out.getvalue())
+            zf.writestr(f"square/{i:05d}.png", out.getvalue())
+            for kind in ("core", "spurious"):
+                mask = io.BytesIO()
+                Image.fromarray(getattr(split, f"{kind}_masks")[i].astype(np.uint8) * 255).save(mask, format="PNG")
+                zf.writestr(f"_masks/{kind}/square/{i:05d}.png", mask.getvalue())
+    dataset = api.post("/v1/datasets", files={"archive": ("d.zip", archive.getvalue(), "application/zip")})
+    assert dataset.status_code == 201 and dataset.json()["masks"] == {"core": 10, "spurious": 10}, dataset.text
+    accepted = api.post("/v1/jobs", json={"type": "audit", "model": MODEL, "dataset_id": dataset.json()["dataset_id"],
+                                          "top_k": 1, "sigmas": [0.25], "gallery_images": 0})
+    assert accepted.status_code == 202, accepted.text
+    status = wait_job(api, accepted.json()["job_id"])
+    assert status["status"] == "finished", status
+    (audited,) = api.get(f"/v1/jobs/{accepted.json()['job_id']}/result").json()["classes"]
+    core_kept = audited["annotated_spurious_accuracy"][0]["accuracy"]
+    grass_kept = audited["annotated_core_accuracy"][0]["accuracy"]
+    assert core_kept >= 0.9 and grass_kept <= 0.2
+    model, _ = demo_model(MODEL)
+    x = to_tensor(split.images[chosen])
+    seeds = [noise_seed(0, hashlib.sha256(decode_image(png, 10**7).png).hexdigest()) for png in pngs]
+    label = CLASS_NAMES.index("square")
+    for kind, reported in (("core", core_kept), ("spurious", grass_kept)):
+        masks = torch.from_numpy(getattr(split, f"{kind}_masks")[chosen].astype(np.float32))
+        predictions, _ = mask_sensitivity(model, x, masks, seeds, [0.25])
+        assert reported == pytest.approx((predictions[0] == label).float().mean().item(), abs=0.11)
+
+
 def test_command_line_client(stack: Stack, shapes_split, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`python -m service.client` against the real stack: a prediction, an attack whose
     pictures are saved, and a refusal on stderr with exit status 1."""
