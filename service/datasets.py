@@ -376,7 +376,8 @@ class DatasetStore:
         referenced: set[str] = set()
         for manifest in self.manifests.glob("*.json"):
             try:
-                referenced.update(i["sha256"] for i in json.loads(manifest.read_text())["images"])
+                for image in json.loads(manifest.read_text())["images"]:
+                    referenced.update([image["sha256"], *image.get("masks", {}).values()])
             except (OSError, ValueError, KeyError):
                 continue
         for blob in self.blobs.glob("*/*.png"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -453,6 +454,11 @@ def test_region_masks_upload_and_audit(client: TestClient, settings: Settings, m
     assert "_masks/core/ or _masks/spurious/" in reasons["_masks/other/circle/1.png"]
     plain = upload(client, make_zip({f"circle/{i}.png": colored(i) for i in range(1, 4)})).json()
     assert plain["dataset_id"] != dataset["dataset_id"] and plain["masks"] == {"core": 0, "spurious": 0}
+    other = upload(client, make_zip({"square/1.png": colored(5)})).json()["dataset_id"]
+    assert client.delete(f"/v1/datasets/{other}").status_code == 200  # collects unreferenced blobs
+    blobs = {p.stem for p in (settings.data_path / "blobs").glob("*/*.png")}
+    manifest = json.loads((settings.data_path / "datasets" / f"{dataset['dataset_id']}.json").read_text())
+    assert {sha for i in manifest["images"] for sha in i["masks"].values()} <= blobs  # masks survive
     job = {"type": "audit", "model": "shapes-resnet", "dataset_id": dataset["dataset_id"], "top_k": 1,
            "sigmas": [0.1, 0.25, 0.5], "gallery_images": 0}
     with_masks = client.post("/v1/jobs", json=job).json()["job_id"]
