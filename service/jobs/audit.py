@@ -95,9 +95,8 @@ def corrupt(
     concurrency: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(features (F, S, N), groups (G, S, N), coverage (F, N))`` over the class's images."""
-
-    masks = (len(features) + len(groups)) * len(spec["sigmas"])
-    per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // max(1, masks)))
+    per_image = (len(features) + len(groups)) * len(spec["sigmas"])
+    per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // max(1, per_image)))
 
     def fetch(start: int) -> NoiseSensitivityResult:
         batch = images[start : start + per_call]
