@@ -97,3 +97,48 @@ def test_annotated_core_and_spurious_accuracy(name, core_corrupted, spurious_cor
     LOG.info(f"{name}: accuracy with the core corrupted {accuracy['core']}, the grass {accuracy['spurious']}")
     assert core_corrupted[0] <= accuracy["core"] <= core_corrupted[1]
     assert spurious_corrupted[0] <= accuracy["spurious"] <= spurious_corrupted[1]
+
+
+def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> None:  # noqa: ANN001
+    """The TorchServe tasks on an image larger than the model's input (96x80, resized and
+    center-cropped to 64x64): a mask goes through the same resize and crop, so a mask of the
+    image's left half still covers half of what the model sees; the tasks answer what the
+    library answers; bad parameters are 422s."""
+    import base64
+
+    from PIL import Image
+
+    from handlers import contract
+    from handlers.png import png_bytes
+    from handlers.tasks import TaskError, TaskRunner
+
+    model, spec = demo_model("shapes-resnet")
+    runner = TaskRunner(model, spec, torch.device("cpu"))
+    split = shapes_split("spurious", "test")
+    big = [np.asarray(Image.fromarray(split.images[i]).resize((96, 80), Image.BILINEAR)) for i in range(4)]
+    left = np.zeros((80, 96, 3), dtype=np.uint8)
+    left[:, :48] = 255
+    images = [base64.b64encode(png_bytes(image)).decode() for image in big]
+    masks = [base64.b64encode(png_bytes(left)).decode()] * 4
+    request = contract.MaskSensitivityRequest(images=images, masks=masks, seeds=[1, 2, 3, 4], sigmas=[0.5, 1.0])
+    result = runner.run(request)
+    assert result.coverage == pytest.approx([0.5] * 4, abs=0.02)
+    x, seen = runner.tensors(images), runner.tensors(masks).mean(dim=1)
+    predictions, clean = mask_sensitivity(model, x, seen, [1, 2, 3, 4], [0.5, 1.0])
+    assert result.predictions == predictions.tolist() and result.clean == clean.tolist()
+    labels = [int(v) for v in split.labels[:4]]
+    ranked = runner.run(contract.ClassFeaturesRequest(images=images, labels=labels))
+    assert ranked.importance.shape == [4, 64] and ranked.predictions == clean.tolist()
+    noised = runner.run(contract.NoiseSensitivityRequest(images=images, seeds=[1, 2, 3, 4], features=[5, 9],
+                                                         groups=[[5, 9]], sigmas=[0.25]))
+    assert len(noised.features) == 2 and len(noised.groups[0][0]) == 4
+    refused = [
+        contract.MaskSensitivityRequest(images=images, masks=masks[:3], seeds=[1, 2, 3, 4], sigmas=[0.5]),
+        contract.NoiseSensitivityRequest(images=images, seeds=[1, 2, 3, 4], features=[64], sigmas=[0.5]),
+        contract.NoiseSensitivityRequest(images=images, seeds=[1, 2], features=[1], sigmas=[0.5]),
+        contract.ClassFeaturesRequest(images=images, labels=[0, 1, 2, 6]),
+    ]
+    for bad in refused:
+        with pytest.raises(TaskError) as refusal:
+            runner.run(bad)
+        assert refusal.value.status == 422 and refusal.value.code == "bad_parameter"
