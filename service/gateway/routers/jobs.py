@@ -53,7 +53,7 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
         return spec
     if isinstance(body, EvaluateJobRequest):
         check_task(described, "embed")
-        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "an error")
+        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "measuring the error")
         manifest = DatasetStore(settings).get(body.dataset_id) or {}
         try:
             read_votes(manifest.get("metadata"))
