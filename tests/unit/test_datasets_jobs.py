@@ -474,3 +474,27 @@ def test_region_masks_upload_and_audit(client: TestClient, settings: Settings, m
     assert sorted(len(r["masks"]) for r in sent) == [2, 3]
     (bare,) = client.get(f"/v1/jobs/{without}/result").json()["classes"]
     assert bare["annotated"] == [] and bare["annotated_core_accuracy"] is None
+
+
+def test_a_generated_split_uploads_with_its_region_masks(client: TestClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """model_store.region_masks writes the generator's masks where the upload finds them."""
+    import numpy as np
+
+    from model_store.region_masks import write_region_masks
+    from model_store.shapes import ShapesConfig, generate, load_split
+    from service.client import folder_archive
+
+    root = generate(ShapesConfig(sizes={"train": 6, "test": 40, "counterfactual": 6}), tmp_path / "shapes")
+    split_dir = root / "test"
+    split = load_split(root, "test")
+    planted = int(split.spurious_masks.any(axis=(1, 2)).sum())
+    assert 0 < planted < 40
+    assert write_region_masks(split_dir) == {"core": 40, "spurious": planted}
+    first = split.attributes[0]["file"]
+    written = np.asarray(Image.open(split_dir / "_masks" / "core" / first)) > 127
+    assert np.array_equal(written, split.core_masks[0])
+    reply = upload(client, folder_archive(split_dir))
+    assert reply.status_code == 201, reply.text
+    dataset = reply.json()
+    assert dataset["n_images"] == 40 and dataset["masks"] == {"core": 40, "spurious": planted}
+    assert {s["file"] for s in dataset["skipped"]} == {"metadata.jsonl", "core_masks.npy", "spurious_masks.npy"}
