@@ -25,9 +25,8 @@ corrupted), definition 2; any other name is reported as its own accuracy under n
 
 from __future__ import annotations
 
-import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from handlers.contract import (
     NoiseSensitivityResult,
 )
 from service.datasets import MASK_KINDS
-from service.jobs.calls import in_flight
+from service.jobs.calls import encoded_blob, in_batches
 from service.jobs.criticism import decode_array
 from service.torchserve_client import SyncTorchServeClient
 
@@ -65,21 +64,16 @@ def noise_seed(seed: int, sha256: str) -> int:
     return int.from_bytes(digest[:7], "big")
 
 
-def _b64(read: Read, item: dict[str, Any]) -> str:
-    return base64.b64encode(read(item["sha256"])).decode()
-
-
 def rank_features(
     client: SyncTorchServeClient, model: str, images: list[dict[str, Any]], label: int, read: Read, concurrency: int
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``(importance (N, C), values (N, C), predictions)`` of the class's images."""
 
-    def fetch(start: int) -> ClassFeaturesResult:
-        batch = images[start : start + IMAGES_PER_CALL]
-        request = ClassFeaturesRequest(images=[_b64(read, i) for i in batch], labels=[label] * len(batch))
+    def fetch(batch: Sequence[dict[str, Any]]) -> ClassFeaturesResult:
+        request = ClassFeaturesRequest(images=[encoded_blob(read, i["sha256"]) for i in batch], labels=[label] * len(batch))
         return client.call(model, request, ClassFeaturesResult)
 
-    results = [r for _, r in in_flight(fetch, range(0, len(images), IMAGES_PER_CALL), concurrency)]
+    results = in_batches(images, IMAGES_PER_CALL, fetch, concurrency)
     importance = np.concatenate([decode_array(r.importance) for r in results])
     values = np.concatenate([decode_array(r.values) for r in results])
     return importance, values, [p for r in results for p in r.predictions]
@@ -98,10 +92,9 @@ def corrupt(
     per_image = (len(features) + len(groups)) * len(spec["sigmas"])
     per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // max(1, per_image)))
 
-    def fetch(start: int) -> NoiseSensitivityResult:
-        batch = images[start : start + per_call]
+    def fetch(batch: Sequence[dict[str, Any]]) -> NoiseSensitivityResult:
         request = NoiseSensitivityRequest(
-            images=[_b64(read, i) for i in batch],
+            images=[encoded_blob(read, i["sha256"]) for i in batch],
             seeds=[noise_seed(int(spec["seed"]), i["sha256"]) for i in batch],
             features=features,
             groups=groups,
@@ -109,7 +102,7 @@ def corrupt(
         )
         return client.call(spec["model"], request, NoiseSensitivityResult)
 
-    results = [r for _, r in in_flight(fetch, range(0, len(images), per_call), concurrency)]
+    results = in_batches(images, per_call, fetch, concurrency)
     s = len(spec["sigmas"])
 
     def joined(rows: list[list[Any]], shape: tuple[int, ...]) -> np.ndarray:
@@ -130,17 +123,16 @@ def corrupt_annotated(
     sigmas = list(spec["sigmas"])
     per_call = max(1, min(IMAGES_PER_CALL, CORRUPTED_PER_CALL // len(sigmas)))
 
-    def fetch(start: int) -> MaskSensitivityResult:
-        batch = images[start : start + per_call]
+    def fetch(batch: Sequence[dict[str, Any]]) -> MaskSensitivityResult:
         request = MaskSensitivityRequest(
-            images=[_b64(read, i) for i in batch],
-            masks=[base64.b64encode(read(i["masks"][kind])).decode() for i in batch],
+            images=[encoded_blob(read, i["sha256"]) for i in batch],
+            masks=[encoded_blob(read, i["masks"][kind]) for i in batch],
             seeds=[noise_seed(int(spec["seed"]), i["sha256"]) for i in batch],
             sigmas=sigmas,
         )
         return client.call(spec["model"], request, MaskSensitivityResult)
 
-    results = [r for _, r in in_flight(fetch, range(0, len(images), per_call), concurrency)]
+    results = in_batches(images, per_call, fetch, concurrency)
     predictions = np.concatenate([np.asarray(r.predictions, dtype=np.int64).reshape(len(sigmas), -1) for r in results], axis=1)
     clean = float(np.mean([p == label for r in results for p in r.clean]))
     return {
@@ -169,7 +161,7 @@ def feature_gallery(
     shown = []
     for index in order.tolist():
         request = ExplainRequest(
-            image=_b64(read, images[index]), method="nam", params={"feature": feature}, target=label,
+            image=encoded_blob(read, images[index]["sha256"]), method="nam", params={"feature": feature}, target=label,
             colormap="jet", outputs=["overlay_png"],
         )
         result = client.call(model, request, ExplainResult)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741
 
 
 def in_flight(fetch: Callable[[int], T], keys: Iterable[int], concurrency: int) -> Iterator[tuple[int, T]]:
@@ -35,3 +37,25 @@ def in_flight(fetch: Callable[[int], T], keys: Iterable[int], concurrency: int) 
             yield done, future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def in_batches(
+    items: Sequence[I],
+    size: int,
+    fetch: Callable[[Sequence[I]], T],
+    concurrency: int = 1,
+    progress: Callable[[float], None] | None = None,
+) -> list[T]:
+    """``fetch(batch)`` for consecutive batches of ``size`` items, the answers in order, with
+    :func:`in_flight`'s concurrency; ``progress`` gets the share of items done after each."""
+    n, answers = len(items), []
+    for start, answer in in_flight(lambda s: fetch(items[s : s + size]), range(0, n, size), concurrency):
+        answers.append(answer)
+        if progress is not None:
+            progress(min(n, start + size) / n)
+    return answers
+
+
+def encoded_blob(read: Callable[[str], bytes], sha256: str) -> str:
+    """A stored image (or mask) as the base64 a TorchServe request carries."""
+    return base64.b64encode(read(sha256)).decode()

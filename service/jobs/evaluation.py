@@ -17,15 +17,14 @@ with the top-k predictions: what to show raters next.
 
 from __future__ import annotations
 
-import base64
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from handlers.contract import EmbedRequest, EmbedResult
-from service.jobs.calls import in_flight
+from service.jobs.calls import encoded_blob, in_batches
 from service.jobs.criticism import decode_array
 from service.torchserve_client import SyncTorchServeClient
 
@@ -68,16 +67,12 @@ def probabilities(
     concurrency: int = 1,
 ) -> np.ndarray:
     """``(N, classes)`` class probabilities of ``images``, ``batch_size`` per TorchServe call."""
-    n = len(images)
+    def fetch(batch: Sequence[dict[str, Any]]) -> EmbedResult:
+        encoded = [encoded_blob(read, i["sha256"]) for i in batch]
+        return client.call(model, EmbedRequest(images=encoded), EmbedResult)
 
-    def fetch(start: int) -> EmbedResult:
-        batch = [base64.b64encode(read(i["sha256"])).decode() for i in images[start : start + batch_size]]
-        return client.call(model, EmbedRequest(images=batch), EmbedResult)
-
-    parts = []
-    for start, result in in_flight(fetch, range(0, n, batch_size), concurrency):
-        parts.append(decode_array(result.probabilities))
-        progress(0.95 * min(n, start + batch_size) / n)
+    answers = in_batches(images, batch_size, fetch, concurrency, lambda done: progress(0.95 * done))
+    parts = [decode_array(answer.probabilities) for answer in answers]
     return np.concatenate(parts)
 
 

@@ -9,15 +9,14 @@ its dataset label (Spearman, section 5.4, table 5.3).
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from handlers.contract import ApemSetRequest, ApemSetResult
 from handlers.metrics.ranking import spearman_with_loss
-from service.jobs.calls import in_flight
+from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 IMAGES_PER_CALL = 8
@@ -44,24 +43,19 @@ def score_images(
     concurrency: int = 1,
 ) -> list[ApemSetResult]:
     """TorchServe's ``apem_set`` answers for ``images``, in order."""
-    n = len(images)
 
-    def fetch(start: int) -> ApemSetResult:
-        batch = images[start : start + IMAGES_PER_CALL]
+    def fetch(batch: Sequence[tuple[dict[str, Any], int]]) -> ApemSetResult:
         request = ApemSetRequest(
-            images=[base64.b64encode(read(item["sha256"])).decode() for item in batch],
-            labels=labels[start : start + IMAGES_PER_CALL],
+            images=[encoded_blob(read, item["sha256"]) for item, _ in batch],
+            labels=[label for _, label in batch],
             method=spec["method"],
             params=spec.get("params", {}),
             apem_params=spec.get("apem_params", {}),
         )
         return client.call(spec["model"], request, ApemSetResult)
 
-    results = []
-    for start, result in in_flight(fetch, range(0, n, IMAGES_PER_CALL), concurrency):
-        results.append(result)
-        progress(0.99 * min(n, start + IMAGES_PER_CALL) / n)
-    return results
+    pairs = list(zip(images, labels, strict=True))
+    return in_batches(pairs, IMAGES_PER_CALL, fetch, concurrency, lambda done: progress(0.99 * done))
 
 
 def summarise(

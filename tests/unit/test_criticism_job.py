@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.jobs.calls import in_flight
+from service.jobs.calls import in_batches, in_flight
 
 
 class RecordingFetch:
@@ -43,6 +43,13 @@ def test_results_come_in_order_with_a_bounded_number_of_calls_in_flight(concurre
     fetch = RecordingFetch(together=concurrency)
     assert list(in_flight(fetch, range(12), concurrency)) == [(k, k * k) for k in range(12)]
     assert fetch.most == concurrency and sorted(fetch.started) == list(range(12))
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_batches_come_in_order_with_the_share_done(concurrency: int) -> None:
+    done: list[float] = []
+    answers = in_batches(list(range(10)), 4, lambda batch: sum(batch), concurrency, done.append)
+    assert answers == [0 + 1 + 2 + 3, 4 + 5 + 6 + 7, 8 + 9] and done == [0.4, 0.8, 1.0]
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])
