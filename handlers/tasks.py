@@ -78,6 +78,12 @@ def checked(model: type[Params], values: dict[str, Any]) -> Params:
         return parse_params(model, values)
 
 
+def one_per_image(name: str, values: Sequence[Any], x: torch.Tensor) -> None:
+    """422 unless ``values`` holds one entry per image of the batch ``x``."""
+    if len(values) != x.shape[0]:
+        raise TaskError(422, "bad_parameter", f"{name}: expected {x.shape[0]}, got {len(values)}")
+
+
 def check_colormap(name: str) -> None:
     if name not in matplotlib.colormaps:
         raise TaskError(422, "bad_parameter", f"colormap: unknown matplotlib colormap {name!r}")
@@ -339,8 +345,8 @@ class TaskRunner:
         (thesis 003, chapter 3 and section 5.4); the caller correlates them over its set."""
         start = time.perf_counter()
         x = self.tensors(request.images)
-        if request.labels is not None and len(request.labels) != x.shape[0]:
-            raise TaskError(422, "bad_parameter", f"labels: expected {x.shape[0]}, got {len(request.labels)}")
+        if request.labels is not None:
+            one_per_image("labels", request.labels, x)
         apem_params = checked(ApemParams, request.apem_params)
         explanation = self._explanation(x, request.method, request.params, None)
         maps = visualization.to_stage(explanation.relevance, x, 2)
@@ -360,8 +366,7 @@ class TaskRunner:
         """Neural feature importances for each image's label (paper 002, section 3.2)."""
         start = time.perf_counter()
         x = self.tensors(request.images)
-        if len(request.labels) != x.shape[0]:
-            raise TaskError(422, "bad_parameter", f"labels: expected {x.shape[0]}, got {len(request.labels)}")
+        one_per_image("labels", request.labels, x)
         for label in request.labels:
             self._targets(label)
         found = class_features(self.model, x, torch.tensor(request.labels, device=self.device))
@@ -386,8 +391,7 @@ class TaskRunner:
         goes through the model's own resizing and cropping, so it stays on its image."""
         start = time.perf_counter()
         x = self.tensors(request.images)
-        if len(request.masks) != x.shape[0]:
-            raise TaskError(422, "bad_parameter", f"masks: expected {x.shape[0]}, got {len(request.masks)}")
+        one_per_image("masks", request.masks, x)
         masks = self.tensors(request.masks).mean(dim=1)
         with refusals():
             predictions, clean = mask_sensitivity(self.model, x, masks, request.seeds, request.sigmas)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from handlers.budget import images_per_pass
+from handlers.explainers.gradcam import split_model
 from handlers.explainers.neural_features import activation_maps, neural_features
 from handlers.models.derived import inference_features, inference_logits
 from handlers.validation import InvalidParameter
@@ -60,12 +61,17 @@ class ClassFeatures:
     """``(N,)`` the model's predictions."""
 
 
+def _predicted(model: nn.Module, maps: Tensor) -> Tensor:
+    """Predictions from feature maps already computed: the head only, not a second pass."""
+    _, head = split_model(model)
+    with torch.no_grad():
+        return head(maps).argmax(dim=1).cpu()
+
+
 def class_features(model: nn.Module, images: Tensor, labels: Tensor) -> ClassFeatures:
     """Importances for ``labels``; averaged over a class's images they rank its features."""
     found = neural_features(model, images, labels)
-    with torch.no_grad():
-        predictions = inference_logits(model, images).argmax(dim=1)
-    return ClassFeatures(found.importance.cpu(), found.values.cpu(), predictions.cpu())
+    return ClassFeatures(found.importance.cpu(), found.values.cpu(), _predicted(model, found.maps))
 
 
 def gaussian_corruption(images: Tensor, masks: Tensor, sigma: float, noise: Tensor) -> Tensor:
@@ -149,10 +155,8 @@ def noise_sensitivity(
     feature_masks = torch.stack([nams[f] for f in features]) if features else empty
     group_masks = torch.stack([torch.stack([nams[f] for f in g]).amax(dim=0) for g in groups]) if groups else empty
     noise = image_noise(images, seeds)
-    with torch.no_grad():
-        clean = inference_logits(model, images).argmax(dim=1).cpu()
     return NoiseSensitivity(
-        clean=clean,
+        clean=_predicted(model, maps),
         features=_predictions(model, images, feature_masks, sigmas, noise),
         groups=_predictions(model, images, group_masks, sigmas, noise),
         coverage=feature_masks.mean(dim=(2, 3)).cpu(),
