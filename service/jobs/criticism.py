@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from handlers.contract import (
     RobustnessRequest,
     RobustnessResult,
 )
-from service.jobs.calls import in_flight
+from service.jobs.calls import in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 if TYPE_CHECKING:  # the selection library is imported lazily (first criticism job)
@@ -107,8 +107,8 @@ def gather_inputs(
     if method == "random":
         return SelectionInputs(count=n)
 
-    def fetch(start: int) -> RobustnessResult | EmbedResult:
-        batch = [base64.b64encode(read()).decode() for read in images[start : start + batch_size]]
+    def fetch(readers: Sequence[Callable[[], bytes]]) -> RobustnessResult | EmbedResult:
+        batch = [base64.b64encode(read()).decode() for read in readers]
         if method == "adversarial":
             request = RobustnessRequest(
                 images=batch,
@@ -119,7 +119,7 @@ def gather_inputs(
         return client.call(model, EmbedRequest(images=batch), EmbedResult)
 
     embeddings, confidence, steps, robustness = [], [], [], []
-    for start, result in in_flight(fetch, range(0, n, batch_size), concurrency):
+    for result in in_batches(images, batch_size, fetch, concurrency, lambda done: progress(0.9 * done)):
         if isinstance(result, RobustnessResult):
             steps.extend(-1 if s is None else int(s) for s in result.steps_to_flip)
             robustness.extend(result.robustness)
@@ -127,7 +127,6 @@ def gather_inputs(
             confidence.append(decode_array(result.probabilities)[:, target])
         else:
             embeddings.append(decode_array(result.embeddings).astype(np.float64))
-        progress(0.9 * min(n, start + batch_size) / n)
     return SelectionInputs(
         embeddings=np.concatenate(embeddings) if embeddings else None,
         confidence=np.concatenate(confidence).astype(np.float64) if confidence else None,
