@@ -87,7 +87,8 @@ def summarise(
     dataset has votes) and the images to show raters next."""
     k = min(int(spec["top_k"]), len(model_labels))
     agreement = float(spec["agreement"])
-    labels = np.array([model_labels.index(i["class_name"]) for i in images])
+    index_of = {name: index for index, name in enumerate(model_labels)}
+    labels = np.array([index_of[i["class_name"]] for i in images])
     ranked = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top1 = ranked[:, 0] == labels
     topk = (ranked == labels[:, None]).any(axis=1)
@@ -102,9 +103,9 @@ def summarise(
     unjudged = [j for j in wrong.tolist() if (images[j]["file"], model_labels[int(ranked[j, 0])]) not in votes]
     per_class = []
     for name in sorted({i["class_name"] for i in images}):
-        rows = labels == model_labels.index(name)
+        rows = labels == index_of[name]
         per_class.append({
-            "class_name": name, "label": model_labels.index(name), "n": int(rows.sum()),
+            "class_name": name, "label": index_of[name], "n": int(rows.sum()),
             "top1_accuracy": float(top1[rows].mean()), "topk_accuracy": float(topk[rows].mean()),
         })
     confusions = Counter((model_labels[labels[j]], model_labels[int(ranked[j, 0])]) for j in wrong.tolist())
