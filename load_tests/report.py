@@ -61,6 +61,11 @@ class Samples:
         )
 
     @property
+    def start_s(self) -> np.ndarray:
+        """When each request was sent: its end less its latency (the pacing the users kept)."""
+        return self.end_s - self.latency_ms / 1000.0
+
+    @property
     def failed(self) -> np.ndarray:
         return (self.status == 0) | (self.status >= 400)
 
