@@ -295,6 +295,9 @@ class TaskRunner:
                 pictures["attention_png"] = png_b64(visualization.attention_png(image, segments[0], weights, k))
             if "path_png" in outputs:
                 pictures["path_png"] = png_b64(visualization.path_png(image, segments[0], weights, k))
+        subset = explanation.extras.get("sis_mask")
+        if subset is not None and "attention_png" in outputs:
+            pictures["attention_png"] = png_b64(visualization.subset_png(image, subset[0]))
         return pictures
 
     @staticmethod

@@ -49,6 +49,15 @@ class StrictParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_TYPE_TAGS = frozenset({"bool", "int", "float", "str", "list", "dict", "none"})
+
+
+def _union_branch(part: int | str) -> bool:
+    """Whether a pydantic error location part names a union's branch (``literal['mean']``,
+    ``float``), not a field: ``mask_value``, not ``mask_value.literal['mean']``."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _TYPE_TAGS)
+
+
 def parse_params(model: type[P], params: Mapping[str, Any] | P | None) -> P:
     """Validate ``params`` against ``model``; raise :class:`InvalidParameter` on the first error.
 
@@ -72,6 +81,6 @@ def parse_params(model: type[P], params: Mapping[str, Any] | P | None) -> P:
         cause = first.get("ctx", {}).get("error")
         if isinstance(cause, InvalidParameter):  # raised by a model validator
             raise InvalidParameter(cause.param, cause.reason) from None
-        name = ".".join(str(part) for part in first["loc"]) or "params"
+        name = ".".join(str(part) for part in first["loc"] if not _union_branch(part)) or "params"
         reasons = [f"{e['msg']} (got {e['input']!r})" if e["loc"] else e["msg"] for e in exc.errors()]
         raise InvalidParameter(name, "; ".join(reasons)) from None

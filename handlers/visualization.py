@@ -151,6 +151,11 @@ def attention_png(
     return png_bytes(reveal(image, segments, ranked_superpixels(weights, k), fill))
 
 
+def subset_png(image: Tensor | np.ndarray, mask: np.ndarray, fill: float = 0.0) -> bytes:
+    """The image with only the pixels of a binary ``(H, W)`` mask shown (a sufficient subset)."""
+    return png_bytes(reveal(image, mask, [1], fill))
+
+
 def path_png(
     image: Tensor | np.ndarray,
     segments: np.ndarray,

@@ -14,6 +14,7 @@ from handlers.explainers import (  # noqa: F401 - imported to register the metho
     lime,
     lrp,
     nam,
+    sis,
     smoothgrad,
 )
 from handlers.explainers.base import (

@@ -35,7 +35,7 @@ def _npy(body: dict) -> np.ndarray:
     return np.load(io.BytesIO(base64.b64decode(body["data"])), allow_pickle=False)
 
 
-@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "integrated_gradients", "lrp", "lime", "gradcam", "nam"])
+@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "integrated_gradients", "lrp", "lime", "gradcam", "nam", "sis"])
 def test_every_method_explains_the_predicted_class(api: httpx.Client, star, method: str) -> None:
     image, core = star
     params = {"n": 300} if method == "lime" else {}
@@ -186,6 +186,31 @@ def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(a
     relevance = _npy(explanation["relevance"])
     assert relevance.shape == (64, 64) and relevance.max() > 0
     assert base64.b64decode(explanation["heatmap_png"]).startswith(PNG)
+
+
+def test_sis_subset_picture_and_numbers(api: httpx.Client, star) -> None:
+    """Paper 004: the sufficient subset, shown alone, and the confidence with 95 % masked."""
+    image, _ = star
+    reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={
+        "method": "sis", "params": json.dumps({"keep_fraction": 0.1}), "outputs": "attention_png",
+    })
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    extras = body["extras"]
+    assert body["params"]["threshold"] == 0.9 and body["params"]["keep_fraction"] == 0.1
+    subset = _npy(extras["sis_mask"]).astype(bool)
+    assert subset.shape == (64, 64) and subset.mean() == pytest.approx(extras["sis_fraction"])
+    assert extras["sis_confidence"] >= 0.9 and extras["kept_fraction"] == pytest.approx(0.1, abs=1 / 4096)
+    assert extras["confident_when_kept"] == (
+        extras["kept_prediction"] == 3 and extras["kept_confidence"] >= 0.9
+    )
+    assert extras["shown_fraction"][0] == 1.0 and len(extras["confidence"]) == len(extras["shown_fraction"])
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["attention_png"]))).convert("RGB"))
+    original = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    assert np.array_equal(shown[subset], original[subset]) and not shown[~subset].any()
+    refused = api.post(f"/v1/models/{MODEL}/explain", files=_files(image),
+                       data={"method": "sis", "params": json.dumps({"mask_value": 2})})
+    assert refused.status_code == 422 and "mask_value" in refused.text
 
 
 def test_lime_pictures_and_numbers_on_request(api: httpx.Client, star) -> None:

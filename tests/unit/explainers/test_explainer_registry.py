@@ -30,7 +30,7 @@ METHODS = available_explainers()
 
 
 def test_all_methods_of_the_issue_are_registered() -> None:
-    expected = {"gradient", "smoothgrad", "integrated_gradients", "lrp", "lime", "gradcam", "nam"}
+    expected = {"gradient", "smoothgrad", "integrated_gradients", "lrp", "lime", "gradcam", "nam", "sis"}
     assert expected <= set(METHODS)
     for name in METHODS:
         assert issubclass(get_explainer(name), Explainer)
@@ -137,6 +137,11 @@ BAD_PARAMS = [
     ("integrated_gradients", {"batch_size": 4097}, "batch_size"),
     ("gradcam", {"interpolation": "area"}, "interpolation"),
     ("nam", {"feature": -1}, "feature"),
+    ("sis", {"threshold": 1.0}, "threshold"),
+    ("sis", {"keep_fraction": 0.0}, "keep_fraction"),
+    ("sis", {"step_fraction": 0.0005}, "step_fraction"),  # over 1,000 passes per image
+    ("sis", {"mask_value": 1.5}, "params"),
+    ("sis", {"mask_value": "median"}, "mask_value"),
 ]
 
 
