@@ -9,9 +9,10 @@ With ``--apem N``, also scores the first N demo test images (in their classes) w
 maps by one ``apem`` job and by N ``/apem`` requests one after another, and checks that both
 give every image the same sizes. With ``--audit N`` (``--evaluate N``), runs the spurious-feature audit
 with the defaults and without overlays at one noise level (the evaluate job) over the first
-N demo test images in their classes, and prints seconds and result sizes.
+N demo test images in their classes, and prints seconds and result sizes; likewise
+``--overinterpretation N`` (sufficient input subsets, default parameters, 8 subsets shown).
 
-    python -m benchmarks.jobs --images 2000 --apem 200 --audit 1200 --evaluate 3000
+    python -m benchmarks.jobs --images 2000 --apem 200 --audit 1200 --evaluate 3000 --overinterpretation 300
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ AUDITS = [
     ("audit, 5 features, 1 level, no overlays", {"type": "audit", "sigmas": [0.25], "gallery_images": 0}),
 ]
 EVALUATION = [("evaluate, top-5", {"type": "evaluate"})]
+OVERINTERPRETATION = [("overinterpretation, defaults", {"type": "overinterpretation"})]
 
 
 def main() -> None:
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--apem", type=int, default=0, help="images of the apem comparison (0: skip)")
     parser.add_argument("--audit", type=int, default=0, help="images of the audit jobs (0: skip)")
     parser.add_argument("--evaluate", type=int, default=0, help="images of the evaluate job (0: skip)")
+    parser.add_argument("--overinterpretation", type=int, default=0, help="images of that job (0: skip)")
     args = parser.parse_args()
     key = args.api_key or get_settings().resolved_api_keys()[0]
     headers = {"Authorization": f"Bearer {key}"}
@@ -164,6 +167,8 @@ def main() -> None:
         scored = apem_rows(beyond, args.apem) if args.apem else []
         audited = timed_jobs(beyond, args.audit, AUDITS) if args.audit else []
         audited += timed_jobs(beyond, args.evaluate, EVALUATION) if args.evaluate else []
+        if args.overinterpretation:
+            audited += timed_jobs(beyond, args.overinterpretation, OVERINTERPRETATION)
     title = (f"criticism jobs on {args.images} images of {MODEL} ({args.url}); "
              f"idle /predict median {1000 * statistics.median(idle):.0f} ms")
     table(title, ["method", "job seconds", "/predict median ms", "/predict p95 ms", "predictions"], rows)
@@ -171,7 +176,8 @@ def main() -> None:
         title = f"APEM of gradient maps (grid step 1 x 2000), {MODEL}: same sizes for every image"
         table(title, ["how", "seconds", "images/s", "mean APEM", "Spearman rho (APEM, loss)"], scored)
     if audited:
-        title = f"audit ({args.audit} images) and evaluate ({args.evaluate} images) jobs, {MODEL}"
+        title = (f"audit ({args.audit} images), evaluate ({args.evaluate} images) and overinterpretation "
+                 f"({args.overinterpretation} images) jobs, {MODEL}")
         table(title, ["job", "seconds", "images/s", "result KB"], audited)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ from handlers.explainers import Explanation, available_explainers, create_explai
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.metrics.feature_sensitivity import class_features, mask_sensitivity, noise_sensitivity
+from handlers.metrics.overinterpretation import sufficient_subsets
 from handlers.metrics.params import ApemParams, FilterParams
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
@@ -144,6 +146,7 @@ class TaskRunner:
             "class_features": self.class_features,
             "noise_sensitivity": self.noise_sensitivity,
             "mask_sensitivity": self.mask_sensitivity,
+            "sufficient_subsets": self.sufficient_subsets,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -402,6 +405,20 @@ class TaskRunner:
             sigmas=request.sigmas, clean=clean.tolist(), predictions=predictions.tolist(),
             coverage=masks.mean(dim=(1, 2)).tolist(), **self._stamp(start),
         )
+
+    def sufficient_subsets(self, request: contract.SufficientSubsetsRequest) -> contract.SufficientSubsetsResult:
+        """Sufficient input subsets for the labels (paper 004); region masks go through the
+        model's own resizing and cropping, so they stay on their images."""
+        start = time.perf_counter()
+        x = self.tensors(request.images)
+        one_per_image("labels", request.labels, x)
+        regions = {}
+        for name, masks in request.regions.items():
+            one_per_image(f"regions.{name}", masks, x)
+            regions[name] = self.tensors(masks).mean(dim=1)
+        with refusals():
+            report = sufficient_subsets(self.model, x, torch.tensor(request.labels), request.params, regions)
+        return contract.SufficientSubsetsResult(**dataclasses.asdict(report), **self._stamp(start))
 
     # ------------------------------------------------------------------ attacks
     def _attack(self, method: str, params: dict[str, Any], x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:

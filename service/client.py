@@ -187,7 +187,7 @@ class BeyondClient:
         return self.request("DELETE", f"/v1/datasets/{dataset_id}")
 
     def submit_job(self, spec: Mapping[str, Any]) -> str:
-        """Queue a job (criticism, filter, apem, audit); its id."""
+        """Queue a job (criticism, filter, apem, audit, evaluate, overinterpretation); its id."""
         return str(self.request("POST", "/v1/jobs", json=dict(spec))["job_id"])
 
     def job(self, job_id: str) -> Any:

@@ -14,57 +14,16 @@ threshold, the masking value and the gradient-guided batches are ours and are pa
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, autograd, nn
 
 from handlers.budget import images_per_pass
-from handlers.explainers.base import (
-    Attribution,
-    BatchedParams,
-    Explainer,
-    chunks,
-    register,
-    select_logits,
-)
+from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
+from handlers.metrics.params import SisParams
 from handlers.models.derived import inference_logits
-
-MAX_SELECTION_STEPS = 1000
-
-
-class SisParams(BatchedParams):
-    """Backward-selection parameters (paper 004: 95 % of the image masked, so 5 % kept)."""
-
-    threshold: float = Field(
-        0.9, gt=0.0, lt=1.0, description="tau: target probability a subset must keep to be sufficient"
-    )
-    keep_fraction: float = Field(
-        0.05, gt=0.0, lt=1.0, description="share of pixels kept for the confidence check (paper: 0.05)"
-    )
-    step_fraction: float = Field(
-        0.02,
-        ge=1.0 / MAX_SELECTION_STEPS,
-        le=0.5,
-        description="share of all pixels removed per selection step (one forward and backward pass)",
-    )
-    mask_value: Literal["mean"] | float = Field(
-        "mean",
-        description="what a masked pixel shows: 'mean' (the model's normalisation mean, zero after "
-        "normalising) or a grey level in [0, 1]",
-    )
-
-    @model_validator(mode="after")
-    def _check_mask_value(self) -> SisParams:
-        if isinstance(self.mask_value, float) and not 0.0 <= self.mask_value <= 1.0:
-            raise ValueError("mask_value must be 'mean' or a grey level in [0, 1]")
-        return self
-
-    @property
-    def passes_per_image(self) -> int:
-        return math.ceil(1.0 / self.step_fraction) + 1
 
 
 def masked_pixel(model: nn.Module, images: Tensor, mask_value: str | float) -> Tensor:

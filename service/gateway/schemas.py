@@ -289,8 +289,33 @@ class EvaluateJobRequest(_In):
     seed: int = Field(0, ge=0, description="seed of that sample")
 
 
+class OverinterpretationJobRequest(_In):
+    """Overinterpretation (paper 004): each image's sufficient input subset for its label
+    (the ``sis`` explainer), the label's probability with 95 % of the image masked, and
+    where the subsets lie on the regions uploaded with the images."""
+
+    type: Literal["overinterpretation"]
+    model: str
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    class_name: str | None = Field(
+        None, min_length=1, max_length=200, description="one class; default: every class"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the sis explainer's parameters (threshold, keep_fraction, step_fraction, mask_value)",
+    )
+    gallery_images: int = Field(8, ge=0, le=50, description="images with the smallest subsets, shown")
+    max_images: int = Field(500, ge=1, le=20000, description="seeded sample of at most this many")
+    seed: int = Field(0, ge=0, description="seed of that sample")
+
+
 JobRequest = Annotated[
-    CriticismJobRequest | FilterJobRequest | ApemJobRequest | AuditJobRequest | EvaluateJobRequest,
+    CriticismJobRequest
+    | FilterJobRequest
+    | ApemJobRequest
+    | AuditJobRequest
+    | EvaluateJobRequest
+    | OverinterpretationJobRequest,
     Field(discriminator="type"),
 ]
 
@@ -508,7 +533,77 @@ class EvaluateJobResult(_Out):
     elapsed_ms: float
 
 
+class RegionShare(_Out):
+    n_images: int = Field(description="images uploaded with this kind of mask (and a subset)")
+    subset_share: float = Field(description="mean share of the subsets' pixels on the region")
+    coverage: float = Field(description="mean share of the images the region covers")
+
+
+class SubsetSummary(_Out):
+    n_images: int
+    accuracy: float = Field(description="predictions of the whole images")
+    confident_when_kept: float = Field(
+        description="share of images whose label keeps the threshold with only keep_fraction shown"
+    )
+    median_kept_confidence: float
+    with_subset: float = Field(description="share of images with a sufficient subset at all")
+    median_subset: float | None = Field(description="median subset size, share of the image")
+    regions: dict[str, RegionShare] = Field(default_factory=dict)
+
+
+class ClassSubsets(SubsetSummary):
+    class_name: str
+
+
+class SubsetImage(_Out):
+    file: str
+    sha256: str
+    class_name: str
+    sis_fraction: float
+    sis_confidence: float
+    subset_png: str | None = Field(description="base64 PNG: the subset's pixels alone, on black")
+
+
+class SubsetItem(_Out):
+    file: str
+    sha256: str
+    class_name: str
+    label: int
+    prediction: int
+    sis_fraction: float | None
+    sis_confidence: float | None
+    kept_fraction: float
+    kept_confidence: float
+    kept_prediction: int
+    confident_when_kept: bool
+    region_share: dict[str, float | None]
+    region_coverage: dict[str, float]
+
+
+class OverinterpretationJobResult(SubsetSummary):
+    type: Literal["overinterpretation"] = "overinterpretation"
+    model: str
+    version: str
+    dataset_id: str
+    class_name: str | None
+    params: dict[str, Any] = Field(description="the sis explainer's parameters, defaults filled in")
+    max_images: int
+    seed: int
+    gallery_images: int
+    n_candidates: int
+    kept_fraction: float
+    per_class: list[ClassSubsets]
+    gallery: list[SubsetImage]
+    items: list[SubsetItem]
+    elapsed_ms: float
+
+
 JobResult = Annotated[
-    CriticismResult | FilterJobResult | ApemJobResult | AuditJobResult | EvaluateJobResult,
+    CriticismResult
+    | FilterJobResult
+    | ApemJobResult
+    | AuditJobResult
+    | EvaluateJobResult
+    | OverinterpretationJobResult,
     Field(discriminator="type"),
 ]

@@ -30,6 +30,7 @@ FUNCTIONS = {
     "apem": "service.jobs.tasks.run_apem",
     "audit": "service.jobs.tasks.run_audit",
     "evaluate": "service.jobs.tasks.run_evaluate",
+    "overinterpretation": "service.jobs.tasks.run_overinterpretation",
 }
 _STATES = {
     JobStatus.QUEUED: "queued",

@@ -27,6 +27,8 @@ from service.jobs.audit import audit_class
 from service.jobs.criticism import class_index, gather_inputs, run_selection
 from service.jobs.evaluation import probabilities, read_votes
 from service.jobs.evaluation import summarise as summarise_evaluation
+from service.jobs.overinterpretation import by_class, score_subsets, subset_gallery
+from service.jobs.overinterpretation import summarise as summarise_subsets
 from service.jobs.reliability import sample, score_images, summarise
 from service.settings import Settings, get_settings
 from service.torchserve_client import SyncTorchServeClient
@@ -135,6 +137,16 @@ def _labelled(client: SyncTorchServeClient, model: str, images: list[dict[str, A
     return described, model_labels
 
 
+def _sampled(
+    client: SyncTorchServeClient, spec: dict[str, Any], in_scope: list[dict[str, Any]]
+) -> tuple[Any, list[dict[str, Any]], list[int]]:
+    """The model's description, the job's seeded sample of the images in scope and each
+    sampled image's label (its class's index among the model's labels)."""
+    images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
+    described, model_labels = _labelled(client, spec["model"], images)
+    return described, images, [model_labels.index(i["class_name"]) for i in images]
+
+
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     settings = get_settings()
@@ -204,10 +216,8 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _apem(spec: dict[str, Any]) -> dict[str, Any]:
     start, settings, store, in_scope = _begin(spec)
-    images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     with SyncTorchServeClient(settings) as client:
-        described, model_labels = _labelled(client, spec["model"], images)
-        labels = [model_labels.index(i["class_name"]) for i in images]
+        described, images, labels = _sampled(client, spec, in_scope)
         results = score_images(
             client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
         )
@@ -281,6 +291,31 @@ def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _overinterpretation(spec: dict[str, Any]) -> dict[str, Any]:
+    start, settings, store, in_scope = _begin(spec)
+    with SyncTorchServeClient(settings) as client:
+        described, images, labels = _sampled(client, spec, in_scope)
+        params, rows = score_subsets(
+            client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
+        )
+        gallery = subset_gallery(client, spec, rows, store.read_image)
+    set_progress(1.0)
+    return {
+        **_result_head("overinterpretation", spec, described),
+        "params": params,
+        "max_images": int(spec["max_images"]),
+        "seed": int(spec["seed"]),
+        "gallery_images": int(spec["gallery_images"]),
+        "n_candidates": len(in_scope),
+        "kept_fraction": rows[0]["kept_fraction"],
+        **summarise_subsets(rows),
+        "per_class": by_class(rows),
+        "gallery": gallery,
+        "items": rows,
+        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
+
+
 def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
     """Model criticism on one class of a dataset (thesis 003): the ``m`` least typical images."""
     return _guarded(_criticism, spec)
@@ -307,3 +342,9 @@ def run_audit(spec: dict[str, Any]) -> dict[str, Any]:
     """Spurious-feature audit of a dataset's classes (paper 002, sections 3.2 and 5),
     the noise predictions computed by TorchServe in batches."""
     return _guarded(_audit, spec)
+
+
+def run_overinterpretation(spec: dict[str, Any]) -> dict[str, Any]:
+    """Overinterpretation of a dataset (paper 004): each image's sufficient input subset
+    and the confidence left with 95 % of it masked, computed by TorchServe in batches."""
+    return _guarded(_overinterpretation, spec)

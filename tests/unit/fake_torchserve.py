@@ -59,6 +59,7 @@ def _explanation(options: c.ExplainOptions) -> dict[str, Any]:
         "relevance": _arr(np.ones((8, 8))),
         "heatmap_png": "aGVhdA==",
         "overlay_png": "b3Zlcg==",
+        "attention_png": "c3Vic2V0" if "attention_png" in options.outputs else None,
     }
 
 
@@ -99,6 +100,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
                 "class_features",
                 "noise_sensitivity",
                 "mask_sensitivity",
+                "sufficient_subsets",
             ],
             "explainers": ["gradient", "smoothgrad"],
             "attacks": ["fgsm", "ifgsm", "pgd"],
@@ -177,6 +179,22 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "clean": [0] * len(level),
             "predictions": [[1 if s * m > 0.2 else 0 for m in level] for s in req.sigmas],
             "coverage": level,
+        }
+    if req.task == "sufficient_subsets":  # subset size = red level / 255 (none when black)
+        red = [_mean_red(image) / 255 for image in req.images]
+        return {
+            **base,
+            "params": {"threshold": 0.9, "keep_fraction": 0.05, **req.params},
+            "predictions": [0] * len(red),
+            "sis_fraction": [r or None for r in red],
+            "sis_confidence": [0.95 if r else None for r in red],
+            "kept_fraction": 0.05,
+            "kept_confidence": [1.0 - r for r in red],
+            "kept_prediction": [0] * len(red),
+            "confident_when_kept": [1.0 - r >= 0.9 for r in red],
+            "region_share": {k: [_mean_red(m) / 255 if r else None for m, r in zip(masks, red, strict=True)]
+                             for k, masks in req.regions.items()},
+            "region_coverage": {k: [0.5] * len(red) for k in req.regions},
         }
     if req.task == "embed":
         n = len(req.images)

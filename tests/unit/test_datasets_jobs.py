@@ -498,3 +498,53 @@ def test_a_generated_split_uploads_with_its_region_masks(client: TestClient, tmp
     dataset = reply.json()
     assert dataset["n_images"] == 40 and dataset["masks"] == {"core": 40, "spurious": planted}
     assert {s["file"] for s in dataset["skipped"]} == {"metadata.jsonl", "core_masks.npy", "spurious_masks.npy"}
+
+
+def test_overinterpretation_job_summarises_subsets_per_class_and_region(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paper 004. The fake's subset of an image is its red level / 255 of the pixels (none for
+    black), the label's probability with 5 % kept is 1 - that, and a subset's share on a region
+    is the region mask's level: the summaries, the gallery order and the grouping of calls by
+    the masks uploaded follow from that."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(5)}  # red 0, 20, .., 80
+    entries |= {f"square/{i}.png": colored(i) for i in (5, 6)}  # red 100, 120
+    entries |= {f"_masks/core/circle/{i}.png": grey(255) for i in (1, 2, 3)}
+    entries |= {f"_masks/spurious/circle/{i}.png": grey(51) for i in (1, 2)}
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    job = {"type": "overinterpretation", "model": "shapes-resnet", "dataset_id": dataset, "gallery_images": 2}
+    job_id = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{job_id}").json()
+    assert status["status"] == "finished", status
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["type"] == "overinterpretation" and result["params"]["threshold"] == 0.9
+    assert (result["n_images"], result["n_candidates"], result["kept_fraction"]) == (7, 7, 0.05)
+    assert result["accuracy"] == pytest.approx(5 / 7)  # the fake predicts circle
+    assert result["confident_when_kept"] == pytest.approx(2 / 7)  # red 0 and 20: 1 - r >= 0.9
+    assert result["with_subset"] == pytest.approx(6 / 7) and result["median_subset"] == pytest.approx(70 / 255)
+    circle, square = result["per_class"]
+    assert (circle["class_name"], circle["n_images"], circle["accuracy"]) == ("circle", 5, 1.0)
+    assert circle["median_subset"] == pytest.approx(50 / 255) and square["accuracy"] == 0.0
+    assert circle["regions"] == {
+        "core": {"n_images": 3, "subset_share": pytest.approx(1.0), "coverage": 0.5},
+        "spurious": {"n_images": 2, "subset_share": pytest.approx(0.2), "coverage": 0.5},
+    }
+    assert square["regions"] == {} and result["regions"]["core"]["n_images"] == 3
+    assert [g["file"] for g in result["gallery"]] == ["circle/1.png", "circle/2.png"]
+    assert result["gallery"][0]["subset_png"] == "c3Vic2V0"
+    items = {i["file"]: i for i in result["items"]}
+    assert items["circle/0.png"]["sis_fraction"] is None and items["square/6.png"]["label"] == 1
+    assert items["circle/3.png"]["region_share"] == {"core": pytest.approx(1.0)}
+    sent = [r for r in fake_torchserve.State.requests if r["task"] == "sufficient_subsets"]
+    assert sorted((len(r["images"]), tuple(sorted(r["regions"]))) for r in sent) == [
+        (1, ("core",)), (2, ("core", "spurious")), (4, ())
+    ]
+    shown = [r for r in fake_torchserve.State.requests if r["task"] == "explain"]
+    assert [(r["method"], r["target"], r["outputs"]) for r in shown] == [("sis", 0, ["attention_png"])] * 2
+    # refused at submission, with the reason
+    body = assert_error(client.post("/v1/jobs", json={**job, "params": {"threshold": 2}}), 422, "invalid_params")
+    assert "params.threshold" in body["error"]["message"]
+    assert_error(client.post("/v1/jobs", json={**job, "class_name": "ring"}), 422, "unknown_class")
+    for bad in ({"gallery_images": 51}, {"max_images": 0}, {"params": {"nope": 1}}):
+        assert_error(client.post("/v1/jobs", json={**job, **bad}), 422)

@@ -1,4 +1,5 @@
-"""``/v1/jobs``: enqueue criticism, filter, apem, audit and evaluate jobs, follow them, fetch results, cancel."""
+"""``/v1/jobs``: enqueue criticism, filter, apem, audit, evaluate and overinterpretation jobs,
+follow them, fetch results, cancel."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from handlers.metrics.params import ApemParams, FilterParams
+from handlers.metrics.params import ApemParams, FilterParams, SisParams
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, Registry, SettingsDep
@@ -27,6 +28,7 @@ from service.gateway.schemas import (
     JobRequest,
     JobResult,
     JobStatusResponse,
+    OverinterpretationJobRequest,
 )
 from service.imaging import decode_image
 from service.jobs import queue as jobq
@@ -59,6 +61,11 @@ async def _check(body: JobRequest, registry: Registry, settings: SettingsDep) ->
             read_votes(manifest.get("metadata"))
         except ValueError as exc:
             raise ApiError(422, "invalid_metadata", str(exc)) from None
+        return spec
+    if isinstance(body, OverinterpretationJobRequest):
+        check_task(described, "sufficient_subsets")
+        check_library_params(SisParams, body.params, "params")
+        _check_labels(_check_dataset(body.dataset_id, body.class_name, settings), described, "overinterpretation")
         return spec
     if isinstance(body, AuditJobRequest):
         check_task(described, "noise_sensitivity")
