@@ -53,13 +53,13 @@ class SufficientInputSubset(Explainer):
     gradient ``g`` of the target's log-odds ``log(p / (1 - p))`` with respect to the mask
     estimates what removing a pixel costs (``-g``; the same order as the probability's
     gradient, a positive multiple of it, but it does not vanish where ``p`` rounds to 1),
-    and the ``step_fraction`` of all pixels with the smallest ``g``
-    among those still shown are masked (exact backward selection would score every pixel
-    with its own pass; this is the batched, first-order version). The steps record the
-    confidence of every shrinking subset, so the SIS is the smallest subset whose
-    confidence is still at least ``threshold`` (the remaining pixels at the last step where
-    it was). Separately, the last ``keep_fraction`` of the removal order is scored alone:
-    the paper's "confident with 95 % masked" check.
+    and the ``step_fraction`` of all pixels with the smallest ``g`` among those still shown
+    are masked (exact backward selection would score every pixel with its own pass; this is
+    the batched, first-order version). The steps record the confidence of every shrinking
+    subset, so the SIS is the smallest subset whose confidence is still at least
+    ``threshold`` (the pixels left at the last step where it was). Separately, the last
+    ``keep_fraction`` of the removal order is scored alone: the paper's "confident with
+    95 % masked" check.
 
     Relevance: a pixel's place in the removal order, ``(rank + 1) / (H W)``, so the last
     pixel removed is 1; spread equally over the channels. ``extras`` per image:
