@@ -24,14 +24,17 @@ from handlers.contract import (
     SufficientSubsetsRequest,
     SufficientSubsetsResult,
 )
+from handlers.metrics.params import SisParams
 from service.datasets import MASK_KINDS
 from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 IMAGES_PER_CALL = 8
-"""Images per ``sufficient_subsets`` call: one backward selection runs them as one batch
-(about 51 forward and backward passes at the default step), so a call on a 224x224 model
-stays well inside TorchServe's response timeout on CPU."""
+IMAGE_PASSES_PER_CALL = IMAGES_PER_CALL * SisParams().passes_per_image
+"""At most 8 images per ``sufficient_subsets`` call (one backward selection runs them as one
+batch), fewer when a finer ``step_fraction`` asks for more passes per image than the
+default's 51: a call's work stays that of 8 images at the default step (37 s for a
+224x224 ResNet-50 on two CPU cores), inside TorchServe's response timeout (120 s by default)."""
 Read = Callable[[str], bytes]
 
 
@@ -55,6 +58,7 @@ def score_subsets(
     rows: list[dict[str, Any]] = [{} for _ in images]
     params: dict[str, Any] = {}
     done = 0
+    per_call = images_per_call(spec.get("params", {}))
     for kinds, indices in groups.items():
 
         def fetch(batch: Sequence[int], kinds: tuple[str, ...] = kinds) -> SufficientSubsetsResult:
@@ -69,13 +73,19 @@ def score_subsets(
         def advance(share: float, before: int = done, size: int = len(indices)) -> None:
             progress(0.95 * (before + share * size) / len(images))
 
-        results = in_batches(indices, IMAGES_PER_CALL, fetch, concurrency, advance)
-        for start, result in zip(range(0, len(indices), IMAGES_PER_CALL), results, strict=True):
+        results = in_batches(indices, per_call, fetch, concurrency, advance)
+        for start, result in zip(range(0, len(indices), per_call), results, strict=True):
             params = result.params
-            for j, i in enumerate(indices[start : start + IMAGES_PER_CALL]):
+            for j, i in enumerate(indices[start : start + per_call]):
                 rows[i] = _row(images[i], labels[i], result, j)
         done += len(indices)
     return params, rows
+
+
+def images_per_call(params: dict[str, Any]) -> int:
+    """Images per call for these explainer parameters (checked on the job's arrival)."""
+    passes = SisParams.model_validate(params).passes_per_image
+    return max(1, min(IMAGES_PER_CALL, IMAGE_PASSES_PER_CALL // passes))
 
 
 def _row(item: dict[str, Any], label: int, result: SufficientSubsetsResult, j: int) -> dict[str, Any]:

@@ -542,6 +542,13 @@ def test_overinterpretation_job_summarises_subsets_per_class_and_region(
     ]
     shown = [r for r in fake_torchserve.State.requests if r["task"] == "explain"]
     assert [(r["method"], r["target"], r["outputs"]) for r in shown] == [("sis", 0, ["attention_png"])] * 2
+    # a finer step: fewer images per call (at most 8 x 51 image-passes: 2 x 201, 1 x 1001)
+    fake_torchserve.State.requests.clear()
+    client.post("/v1/jobs", json={**job, "params": {"step_fraction": 0.005}, "gallery_images": 0})
+    client.post("/v1/jobs", json={**job, "class_name": "square", "params": {"step_fraction": 0.001}, "gallery_images": 0})
+    run_worker(settings, monkeypatch)
+    sizes = [len(r["images"]) for r in fake_torchserve.State.requests if r["task"] == "sufficient_subsets"]
+    assert sizes == [2, 2, 2, 1] + [1, 1]
     # refused at submission, with the reason
     body = assert_error(client.post("/v1/jobs", json={**job, "params": {"threshold": 2}}), 422, "invalid_params")
     assert "params.threshold" in body["error"]["message"]
