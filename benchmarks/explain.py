@@ -3,7 +3,8 @@
 Floors: the model passes a method cannot avoid, at the best batch size measured here -
 ``n`` forward+backward passes for gradient-type methods (1 for gradient and LRP, ``n`` for
 SmoothGrad, ``steps`` for IG), ``n`` gradient-free forward passes for LIME, one forward pass
-for Grad-CAM and NAM (their backward only runs through the head). Peers run with the same
+for Grad-CAM and NAM (their backward only runs through the head), and SIS's 50 selection
+steps as 50 forward+backward passes of batch 1 (each step needs the one before). Peers run with the same
 sample counts: captum's Saliency, NoiseTunnel(SmoothGrad), IntegratedGradients, Lime and
 LayerGradCam, zennit's epsilon-rule LRP, SmoothGrad and IntegratedGradients, and the
 ``lime`` package's LimeImageExplainer (its default batch size, 10, and ours).
@@ -263,7 +264,9 @@ OURS = {
     "lime": ({"n": "lime"}, "forward", "lime"),
     "gradcam": ({}, "forward", 1),
     "nam": ({}, "forward", 1),
+    "sis": ({}, "backward", 50),  # 50 selection steps of 2 % (64x64 and 224x224 alike)
 }
+SEQUENTIAL = {"sis"}  # each pass needs the one before: its floor is batch-1 passes
 
 
 def _ours(name: str, counts: Counts) -> tuple[dict, str, int]:
@@ -285,7 +288,8 @@ def measure_method(
     target = torch.zeros(1, dtype=torch.long, device=images.device)
 
     def floor_ms() -> float:
-        costs = pass_costs(model, images[:1], args.batch_sizes, args.repeats, kind, len(images))
+        sizes = [1] if method in SEQUENTIAL else args.batch_sizes
+        costs = pass_costs(model, images[:1], sizes, args.repeats, kind, len(images))
         if counts.batch_size is None:  # no --batch-size: the floor's best, for all arms
             counts.batch_size = best_batch_size(costs, samples)
         return floor(costs, samples)
