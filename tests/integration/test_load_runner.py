@@ -49,9 +49,11 @@ def test_capacity_steps_offer_a_steady_rate(stack: Stack, tmp_path: Path) -> Non
     """40 users started together at 1 request/s each: about 8 requests sent per 200 ms, no bursts.
 
     With Locust's own pacing every user fired in the same instant once per second (all 40
-    requests inside one or two 200 ms bins, and the gateway's in-flight bound refusing them).
-    The bins count when requests were sent, not when their answers came: a pause of the
-    stack (CI once saw 3, 0, then 24 answers in three bins) bunches answers, not sends.
+    requests inside one or two 200 ms bins, and the gateway's in-flight bound refusing them):
+    most bins empty, and five or more bins over 16 in the 5 s looked at. The bins count when
+    requests were sent, not when their answers came (CI once saw 3, 0, then 24 answers in
+    three bins: a pause of the stack bunches answers), and one pause of the machine may still
+    bunch the sends due during it into a bin or two.
     """
     done = run(stack, tmp_path, "--capacity", "--steps", "40:8,5:2")
     assert done.returncode in (0, 1), done.stdout + done.stderr
@@ -62,4 +64,4 @@ def test_capacity_steps_offer_a_steady_rate(stack: Stack, tmp_path: Path) -> Non
     steady = sent[(sent > start + 2.0) & (sent < end - 1.0)]  # 5 s inside the 40 req/s step
     per_200ms = np.bincount(((steady - start - 2.0) * 5).astype(int))
     assert 120 <= len(steady) <= 240  # about 40 req/s for 5 s
-    assert per_200ms.max() <= 20, per_200ms.tolist()
+    assert np.median(per_200ms) >= 5 and (per_200ms > 16).sum() <= 2, per_200ms.tolist()
