@@ -158,6 +158,12 @@ class TaskRunner:
             raise TaskError(422, "invalid_image", str(error)) from None
         return pixels.unsqueeze(0).to(self.device)
 
+    def region_masks(self, name: str, masks: Sequence[contract.ImageData], x: torch.Tensor) -> torch.Tensor:
+        """One mask image per image of ``x`` as ``(N, S, S)`` in [0, 1] (grey level = mask):
+        through the model's own resizing and cropping, so each mask stays on its image."""
+        one_per_image(name, masks, x)
+        return self.tensors(masks).mean(dim=1)
+
     def tensors(self, images: Sequence[contract.ImageData]) -> torch.Tensor:
         if len(images) > MAX_BATCH_IMAGES:
             raise TaskError(422, "bad_parameter", f"at most {MAX_BATCH_IMAGES} images per request")
@@ -393,12 +399,10 @@ class TaskRunner:
         )
 
     def mask_sensitivity(self, request: contract.MaskSensitivityRequest) -> contract.MaskSensitivityResult:
-        """Predictions with annotated regions corrupted by noise (paper 002, section 5). A mask
-        goes through the model's own resizing and cropping, so it stays on its image."""
+        """Predictions with annotated regions corrupted by noise (paper 002, section 5)."""
         start = time.perf_counter()
         x = self.tensors(request.images)
-        one_per_image("masks", request.masks, x)
-        masks = self.tensors(request.masks).mean(dim=1)
+        masks = self.region_masks("masks", request.masks, x)
         with refusals():
             predictions, clean = mask_sensitivity(self.model, x, masks, request.seeds, request.sigmas)
         return contract.MaskSensitivityResult(
@@ -407,15 +411,11 @@ class TaskRunner:
         )
 
     def sufficient_subsets(self, request: contract.SufficientSubsetsRequest) -> contract.SufficientSubsetsResult:
-        """Sufficient input subsets for the labels (paper 004); region masks go through the
-        model's own resizing and cropping, so they stay on their images."""
+        """Sufficient input subsets for the labels (paper 004), and their share on regions."""
         start = time.perf_counter()
         x = self.tensors(request.images)
         one_per_image("labels", request.labels, x)
-        regions = {}
-        for name, masks in request.regions.items():
-            one_per_image(f"regions.{name}", masks, x)
-            regions[name] = self.tensors(masks).mean(dim=1)
+        regions = {name: self.region_masks(f"regions.{name}", masks, x) for name, masks in request.regions.items()}
         with refusals():
             report = sufficient_subsets(self.model, x, torch.tensor(request.labels), request.params, regions)
         return contract.SufficientSubsetsResult(**dataclasses.asdict(report), **self._stamp(start))

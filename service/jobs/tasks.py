@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -137,14 +137,40 @@ def _labelled(client: SyncTorchServeClient, model: str, images: list[dict[str, A
     return described, model_labels
 
 
-def _sampled(
-    client: SyncTorchServeClient, spec: dict[str, Any], in_scope: list[dict[str, Any]]
-) -> tuple[Any, list[dict[str, Any]], list[int]]:
-    """The model's description, the job's seeded sample of the images in scope and each
-    sampled image's label (its class's index among the model's labels)."""
+class Sample(NamedTuple):
+    """A sampled dataset job's images and what the model says their classes are."""
+
+    described: Any
+    model_labels: list[str]
+    images: list[dict[str, Any]]
+    labels: list[int]
+    """each image's class as an index among ``model_labels``"""
+
+
+def _sampled(client: SyncTorchServeClient, spec: dict[str, Any], in_scope: list[dict[str, Any]]) -> Sample:
+    """The job's seeded sample of the images in scope, with the model's description and
+    labels (a job failure if an image's class is not one of them)."""
     images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     described, model_labels = _labelled(client, spec["model"], images)
-    return described, images, [model_labels.index(i["class_name"]) for i in images]
+    index_of: dict[str, int] = {}
+    for index, name in enumerate(model_labels):
+        index_of.setdefault(name, index)  # list.index's answer, without a scan per image
+    return Sample(described, model_labels, images, [index_of[i["class_name"]] for i in images])
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def _sampled_result(job_type: str, spec: dict[str, Any], described: Any, start: float, body: dict[str, Any]) -> dict[str, Any]:
+    """A sampled dataset job's result: what produced it, on which sample, ``body``, its time."""
+    return {
+        **_result_head(job_type, spec, described),
+        "max_images": int(spec["max_images"]),
+        "seed": int(spec["seed"]),
+        **body,
+        "elapsed_ms": _elapsed_ms(start),
+    }
 
 
 def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +215,7 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
         "criticisms": _items(selection.criticisms, candidates),
         "details": selection.details,
         "gallery_png": _gallery(store, candidates, selection),
-        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+        "elapsed_ms": _elapsed_ms(start),
     }
 
 
@@ -210,27 +236,23 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
     set_progress(1.0)
     out = result.model_dump(mode="json")
     out["type"] = "filter"
-    out["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 3)
+    out["elapsed_ms"] = _elapsed_ms(start)
     return out
 
 
 def _apem(spec: dict[str, Any]) -> dict[str, Any]:
     start, settings, store, in_scope = _begin(spec)
     with SyncTorchServeClient(settings) as client:
-        described, images, labels = _sampled(client, spec, in_scope)
+        chosen = _sampled(client, spec, in_scope)
         results = score_images(
-            client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
+            client, spec, chosen.images, chosen.labels, store.read_image, set_progress, settings.embed_concurrency
         )
     set_progress(1.0)
-    return {
-        **_result_head("apem", spec, described),
+    return _sampled_result("apem", spec, chosen.described, start, {
         "method": spec["method"],
-        "max_images": int(spec["max_images"]),
-        "seed": int(spec["seed"]),
         "n_candidates": len(in_scope),
-        **summarise(images, labels, results),
-        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
-    }
+        **summarise(chosen.images, chosen.labels, results),
+    })
 
 
 def _audit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -251,17 +273,13 @@ def _audit(spec: dict[str, Any]) -> dict[str, Any]:
             )
             classes.append({"class_name": class_name, "label": model_labels.index(class_name), **audited})
     set_progress(1.0)
-    return {
-        **_result_head("audit", spec, described),
+    return _sampled_result("audit", spec, described, start, {
         "sigmas": list(spec["sigmas"]),
         "top_k": int(spec["top_k"]),
         "gallery_images": int(spec["gallery_images"]),
         "groups": dict(spec.get("groups") or {}),
-        "max_images": int(spec["max_images"]),
-        "seed": int(spec["seed"]),
         "classes": classes,
-        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
-    }
+    })
 
 
 def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
@@ -271,40 +289,32 @@ def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         votes = read_votes(manifest.get("metadata") if manifest else None)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    images = sample(in_scope, int(spec["max_images"]), int(spec["seed"]))
     with SyncTorchServeClient(settings) as client:
-        described, model_labels = _labelled(client, spec["model"], images)
+        chosen = _sampled(client, spec, in_scope)
         probs = probabilities(
-            client, spec["model"], images, store.read_image, settings.embed_batch_size, set_progress,
+            client, spec["model"], chosen.images, store.read_image, settings.embed_batch_size, set_progress,
             settings.embed_concurrency,
         )
     set_progress(1.0)
-    return {
-        **_result_head("evaluate", spec, described),
+    return _sampled_result("evaluate", spec, chosen.described, start, {
         "agreement": float(spec["agreement"]),
         "review_limit": int(spec["review_limit"]),
-        "max_images": int(spec["max_images"]),
-        "seed": int(spec["seed"]),
         "n_candidates": len(in_scope),
-        **summarise_evaluation(images, probs, model_labels, votes, spec),
-        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
-    }
+        **summarise_evaluation(chosen.images, probs, chosen.model_labels, votes, spec),
+    })
 
 
 def _overinterpretation(spec: dict[str, Any]) -> dict[str, Any]:
     start, settings, store, in_scope = _begin(spec)
     with SyncTorchServeClient(settings) as client:
-        described, images, labels = _sampled(client, spec, in_scope)
+        chosen = _sampled(client, spec, in_scope)
         params, rows = score_subsets(
-            client, spec, images, labels, store.read_image, set_progress, settings.embed_concurrency
+            client, spec, chosen.images, chosen.labels, store.read_image, set_progress, settings.embed_concurrency
         )
         gallery = subset_gallery(client, spec, rows, store.read_image)
     set_progress(1.0)
-    return {
-        **_result_head("overinterpretation", spec, described),
+    return _sampled_result("overinterpretation", spec, chosen.described, start, {
         "params": params,
-        "max_images": int(spec["max_images"]),
-        "seed": int(spec["seed"]),
         "gallery_images": int(spec["gallery_images"]),
         "n_candidates": len(in_scope),
         "kept_fraction": rows[0]["kept_fraction"],
@@ -312,8 +322,7 @@ def _overinterpretation(spec: dict[str, Any]) -> dict[str, Any]:
         "per_class": by_class(rows),
         "gallery": gallery,
         "items": rows,
-        "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
-    }
+    })
 
 
 def run_criticism(spec: dict[str, Any]) -> dict[str, Any]:
