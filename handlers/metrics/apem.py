@@ -34,7 +34,7 @@ from handlers.attacks.base import check_images, device_of, evaluation_mode
 from handlers.metrics.flip_search import (
     NOT_FOUND,
     SEARCHES,
-    BatchedScan,
+    CertifiedScan,
     FlipProblem,
     FlipSearch,
     SearchStats,
@@ -168,15 +168,14 @@ def _search(
     index = torch.arange(directions.shape[0], device=images.device) % images.shape[0]
     problem = FlipProblem(model, images, directions, index, reference[index], params.clip, params.batch_size)
     found = search_strategy(params).search(problem, params.grid)
-    stats.forward_passes += problem.stats.forward_passes
-    stats.evaluations += problem.stats.evaluations
+    stats.add(problem.stats)
     return found
 
 
 def search_strategy(params: ApemParams) -> FlipSearch:
     """The flip search ``params.search`` names (thesis 003, section 3.3 steps 3-7)."""
     if params.search == "exact":
-        return BatchedScan(params.first_chunk)
+        return CertifiedScan(params.first_chunk)
     return SEARCHES[params.search]()
 
 

@@ -111,8 +111,7 @@ class _CandidateScorer:
         hints = None if self.hints is None else self.hints.repeat_interleave(t)
         found = search_strategy(self.params).search(problem, self.params.grid, hints)
         self.hints = torch.stack([found[t - 1], found[-1]])
-        self.stats.forward_passes += problem.stats.forward_passes
-        self.stats.evaluations += problem.stats.evaluations
+        self.stats.add(problem.stats)
         sizes = torch.where(found == NOT_FOUND, self.params.max_steps + 1, found).double() * self.params.step
         return (sizes[t:] - sizes[:t]).cpu().numpy()
 
@@ -211,8 +210,7 @@ def explanation_filter_literal(
 
     def score(r: torch.Tensor) -> float:
         outcome = apem(model, image.unsqueeze(0), r.unsqueeze(0), targets=targets, params=ap)
-        stats.forward_passes += outcome.stats.forward_passes
-        stats.evaluations += outcome.stats.evaluations
+        stats.add(outcome.stats)
         return outcome.apem
 
     current_apem = score(relevance_map)  # line 2

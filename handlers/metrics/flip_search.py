@@ -6,12 +6,15 @@ changes. Here a *unit* is one image with ``G`` member directions (``G = 1`` for 
 shuffled maps of ``APEM_norm``, thesis section 5.2, form one unit whose answer is the first
 ``eps`` at which *any* member flips). The grid is ``eps_k = k * step``, ``k = 1..max_steps``.
 
-Three strategies, one interface (STYLE 2):
+Four strategies, one interface (STYLE 2):
 
 * :class:`SequentialScan` - the thesis's loop: one ``eps`` per forward pass, unit by unit.
 * :class:`BatchedScan` - exact: the same first flipping ``k``, but every forward pass
   evaluates many ``(unit, k)`` pairs (consecutive ``k`` per unit, chunks doubling per unit).
   It never assumes monotonicity, so its answer is the sequential scan's.
+* :class:`CertifiedScan` - exact: the sequential scan's answer with far fewer evaluations;
+  runs of grid points are proven flip-free by margin bounds
+  (:mod:`handlers.metrics.line_bounds`) and only the points no proof covers are evaluated.
 * :class:`Bisection` - approximate: exponential growth then bisection, ``O(log max_steps)``
   passes; correct only where the flip is monotone in ``eps``.
 """
@@ -27,8 +30,9 @@ import torch
 from torch import nn
 
 from handlers.budget import images_per_pass
+from handlers.metrics.line_bounds import LineBounds, line_bounds
 from handlers.metrics.params import Grid
-from handlers.models.derived import inference_logits
+from handlers.models.derived import inference_logits, inference_parts
 
 NOT_FOUND = 0
 """Search result of a unit that did not flip anywhere on the grid."""
@@ -49,10 +53,20 @@ def full_precision() -> contextlib.AbstractContextManager[None]:
 
 @dataclass
 class SearchStats:
-    """Work done by a search: forward passes and perturbed images evaluated."""
+    """Work done by a search: forward passes and perturbed images evaluated; passes of the
+    margin bounds and the grid points they proved flip-free (:class:`CertifiedScan`)."""
 
     forward_passes: int = 0
     evaluations: int = 0
+    bound_passes: int = 0
+    proven_points: int = 0
+
+    def add(self, other: SearchStats) -> None:
+        """Add ``other``'s counts to these."""
+        self.forward_passes += other.forward_passes
+        self.evaluations += other.evaluations
+        self.bound_passes += other.bound_passes
+        self.proven_points += other.proven_points
 
 
 class FlipProblem:
@@ -87,6 +101,7 @@ class FlipProblem:
         self.clip = clip
         self.batch_size = max(images_per_pass(batch_size, images.shape), directions.shape[1])
         self.stats = SearchStats()
+        self._bounds: tuple[nn.Module, LineBounds] | None | bool = False  # False: not looked up
 
     @property
     def units(self) -> int:
@@ -118,6 +133,43 @@ class FlipProblem:
             self.stats.forward_passes += 1
             self.stats.evaluations += x.shape[0] * x.shape[1]
         return torch.cat(flips) if flips else torch.zeros(0, dtype=torch.bool)
+
+
+    def bounds(self) -> tuple[nn.Module, LineBounds] | None:
+        """The model's normalisation and margin bounds; ``None`` where no proof is possible
+        (clipped perturbations are not a segment; a layer without a propagation rule)."""
+        if self._bounds is False:
+            parts = None if self.clip else inference_parts(self.model, self.images[:1])
+            bounds = None if parts is None or not hasattr(parts[0], "std") else line_bounds(parts[1])
+            self._bounds = None if bounds is None else (parts[0], bounds)
+        return self._bounds
+
+    def certify(self, units: torch.Tensor, ks: torch.Tensor, lengths: torch.Tensor, step: float) -> torch.Tensor:
+        """A lower bound of the logit margin on the grid points ``ks[p] .. ks[p] + lengths[p]
+        - 1`` of unit ``units[p]`` (all members), less the float tolerance: positive proves
+        that none of them flips (:meth:`LineBounds.lowest_margins`). Batched.
+
+        Needs :meth:`bounds`. The bounds of a segment cost about five forward passes.
+        """
+        normalize, bounds = self.bounds()  # type: ignore[misc]
+        lowest = []
+        per_pass = max(1, self.batch_size // (3 * self.members))
+        device, members = self.images.device, self.members
+        for start in range(0, units.numel(), per_pass):
+            u = units[start : start + per_pass].to(device)
+            k, n = ks[start : start + per_pass].to(device), lengths[start : start + per_pass].to(device)
+            half = (n - 1).to(self.images.dtype) * (step / 2)
+            middle = (k.to(self.images.dtype) * step + half).view(-1, 1, 1, 1, 1)
+            directions = self.directions[u]
+            with torch.inference_mode(), full_precision():
+                middles = normalize((self.images[self.image_index[u]].unsqueeze(1) + middle * directions).flatten(0, 1))
+                slopes = (directions / normalize.std.unsqueeze(0)).flatten(0, 1)
+                rows = bounds.lowest_margins(
+                    middles, slopes, half.repeat_interleave(members), self.reference[u].repeat_interleave(members)
+                )
+            lowest.append(rows.view(-1, members).amin(dim=1).cpu())
+            self.stats.bound_passes += 1
+        return torch.cat(lowest) if lowest else torch.zeros(0)
 
 
 class FlipSearch(ABC):
@@ -173,26 +225,141 @@ class BatchedScan(FlipSearch):
             chunk = torch.where(hints > 0, hints.long(), chunk)
         active = torch.arange(n)
         while active.numel():
-            want = torch.minimum(chunk[active], grid.max_steps - next_k[active] + 1).clamp(max=budget)
-            offset = torch.cumsum(want, 0) - want
-            take = (budget - offset).clamp(min=0).minimum(want)
-            units = active[take > 0]
-            take = take[take > 0]
-            pair_units = torch.repeat_interleave(units, take)
-            starts = torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
-            ks = next_k[pair_units] + torch.arange(pair_units.numel()) - starts
-            flipped = problem.evaluate(pair_units, ks, grid.step)
-            first = torch.full((n,), grid.max_steps + 1, dtype=torch.long)
-            first.scatter_reduce_(0, pair_units, torch.where(flipped, ks, grid.max_steps + 1), "amin")
-            found = first[units] <= grid.max_steps
-            result[units[found]] = first[units[found]]
-            next_k[units] += take
+            units = _scan_chunks(problem, grid, active, chunk, next_k, result)
             chunk[units] = torch.minimum(2 * chunk[units], torch.tensor(budget))
-            finished = torch.zeros(n, dtype=torch.bool)
-            finished[units[found]] = True
-            finished[active[next_k[active] > grid.max_steps]] = True
-            active = active[~finished[active]]
+            active = active[(result[active] == NOT_FOUND) & (next_k[active] <= grid.max_steps)]
         return result
+
+
+def _scan_chunks(
+    problem: FlipProblem, grid: Grid, units: torch.Tensor, chunk: torch.Tensor, next_k: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor:
+    """One pass over the next ``chunk[u]`` grid points of each unit, in order of ``units``
+    until the pass is full (the rest wait for the next call). Records each unit's first flip
+    in ``result``, advances ``next_k``; returns the units that were served."""
+    budget = max(1, problem.batch_size // problem.members)
+    want = torch.minimum(chunk[units], grid.max_steps - next_k[units] + 1).clamp(max=budget)
+    take = (budget - (torch.cumsum(want, 0) - want)).clamp(min=0).minimum(want)
+    units, take = units[take > 0], take[take > 0]
+    pair_units = torch.repeat_interleave(units, take)
+    starts = torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+    ks = next_k[pair_units] + torch.arange(pair_units.numel()) - starts
+    flipped = problem.evaluate(pair_units, ks, grid.step)
+    first = torch.full((problem.units,), grid.max_steps + 1, dtype=torch.long)
+    first.scatter_reduce_(0, pair_units, torch.where(flipped, ks, grid.max_steps + 1), "amin")
+    found = units[first[units] <= grid.max_steps]
+    result[found] = first[found]
+    next_k[units] += take
+    return units
+
+
+@dataclass
+class _Walk:
+    """Per-unit state of :class:`CertifiedScan`."""
+
+    result: torch.Tensor  # first flipping k, or NOT_FOUND
+    next_k: torch.Tensor  # every k below it is known not to flip
+    run: torch.Tensor  # grid points per proof
+    chunk: torch.Tensor  # grid points per evaluation
+    evaluate: torch.Tensor  # whether the next points are evaluated rather than proven
+    runs_tried: int = 0
+    points_proven: int = 0
+    proving: bool = True  # proofs pay for themselves (see CertifiedScan.points_per_run)
+
+
+class CertifiedScan(FlipSearch):
+    """Exact scan that proves runs of grid points flip-free instead of evaluating them.
+
+    Each unit walks its grid in order. It asks :meth:`FlipProblem.certify` for up to
+    ``runs_per_pass`` consecutive runs of ``run`` grid points and skips the runs proven
+    before the first unproven one. ``run`` grows by a quarter after a round whose runs were
+    all proven (up to ``longest_run``) and halves otherwise; once a run of ``shortest_run``
+    points is not proven, the unit evaluates its next ``chunk`` points instead, as
+    :class:`BatchedScan` does. ``chunk`` starts at ``shortest_run`` and doubles with every
+    evaluation that finds no flip until a proof succeeds again, so a model whose bounds
+    rarely prove anything costs about what :class:`BatchedScan` costs plus a proof per
+    doubling. A proof bounds every point of its segment, so a proven point cannot flip and
+    the answer is the sequential scan's. Where the model has no bounds (clipped
+    perturbations, a layer without a propagation rule) the search is :class:`BatchedScan`.
+
+    Proofs stop for the whole search once they have tried two runs per unit and proven fewer
+    than ``points_per_run`` grid points per run tried: one run costs about as much as
+    evaluating that many points (measured on the demo models: 5x a forward pass on
+    shapes-resnet, 11x on shapes-vgg, whose first layer runs at full resolution), so from
+    then on the search is :class:`BatchedScan`'s. Deep networks get there: the radius grows
+    by about the ratio of ``|W|`` to ``W`` in every layer.
+
+    The growth of a quarter is measured: on the demo shapes-resnet (step 1 x 2000, eight
+    images) doubling after success proved 47 % of the runs it tried, growing by a quarter
+    70 %, and took 1.6x the time.
+    """
+
+    growth = 1.25
+    points_per_run = 8
+
+    def __init__(
+        self, first_chunk: int = 16, runs_per_pass: int = 2, longest_run: int = 1024, shortest_run: int = 8
+    ) -> None:
+        self.first_chunk = max(1, first_chunk)
+        self.shortest_run = max(1, min(shortest_run, self.first_chunk))
+        self.runs_per_pass = max(1, runs_per_pass)
+        self.longest_run = max(self.first_chunk, longest_run)
+
+    def search(self, problem: FlipProblem, grid: Grid, hints: torch.Tensor | None = None) -> torch.Tensor:
+        """Certified exact scan (see the class docstring)."""
+        if problem.bounds() is None:
+            return BatchedScan(self.first_chunk).search(problem, grid, hints)
+        n = problem.units
+        run = torch.full((n,), self.first_chunk, dtype=torch.long)
+        if hints is not None:
+            run = torch.where(hints > 1, (hints // 2).clamp(self.shortest_run, self.longest_run), run)
+        walk = _Walk(
+            result=torch.full((n,), NOT_FOUND, dtype=torch.long),
+            next_k=torch.ones(n, dtype=torch.long),
+            run=run,
+            chunk=torch.full((n,), self.shortest_run, dtype=torch.long),
+            evaluate=torch.zeros(n, dtype=torch.bool),
+        )
+        active = torch.arange(n)
+        while active.numel():
+            proving = active[~walk.evaluate[active]] if walk.proving else active[:0]
+            if proving.numel():
+                self._prove(problem, grid, proving, walk)
+                paid = walk.points_proven >= self.points_per_run * walk.runs_tried
+                walk.proving = paid or walk.runs_tried < 2 * n
+            scanning = active[walk.evaluate[active]] if walk.proving else active
+            if scanning.numel():
+                self._scan(problem, grid, scanning, walk)
+            active = active[(walk.result[active] == NOT_FOUND) & (walk.next_k[active] <= grid.max_steps)]
+        return walk.result
+
+    def _prove(self, problem: FlipProblem, grid: Grid, units: torch.Tensor, walk: _Walk) -> None:
+        """One round of proofs: advance past the proven runs, resize ``run``."""
+        run = walk.run[units]
+        starts = walk.next_k[units, None] + torch.arange(self.runs_per_pass) * run[:, None]
+        lengths = torch.minimum(run[:, None], grid.max_steps - starts + 1)
+        wanted = lengths > 0
+        proven = torch.zeros_like(wanted)
+        pair_units = units[:, None].expand_as(starts)[wanted]
+        proven[wanted] = problem.certify(pair_units, starts[wanted], lengths[wanted], grid.step) > 0
+        walk.runs_tried += int(wanted.sum())
+        prefix = proven.long().cumprod(dim=1)  # proven runs before the first unproven one
+        advance = (prefix * lengths.clamp(min=0)).sum(dim=1)
+        walk.points_proven += int(advance.sum())
+        problem.stats.proven_points += int(advance.sum())
+        walk.next_k[units] += advance
+        all_proven = (prefix.bool() | ~wanted).all(dim=1)
+        walk.evaluate[units] = ~all_proven & (run <= self.shortest_run)
+        walk.chunk[units[advance > 0]] = self.shortest_run
+        grown = torch.maximum(run + 1, (run * self.growth).long()).clamp(max=self.longest_run)
+        walk.run[units] = torch.where(all_proven, grown, (run // 2).clamp(min=self.shortest_run))
+
+    def _scan(self, problem: FlipProblem, grid: Grid, units: torch.Tensor, walk: _Walk) -> None:
+        """Evaluate the next ``chunk`` points of each unit; grow ``chunk``, prove again next."""
+        units = _scan_chunks(problem, grid, units, walk.chunk, walk.next_k, walk.result)
+        walk.chunk[units] = (2 * walk.chunk[units]).clamp(max=self.longest_run)
+        walk.evaluate[units] = False
+        walk.run[units] = self.shortest_run
 
 
 class Bisection(FlipSearch):
@@ -227,7 +394,7 @@ class Bisection(FlipSearch):
 
 
 SEARCHES: dict[str, type[FlipSearch]] = {
-    "exact": BatchedScan,
+    "exact": CertifiedScan,
     "sequential": SequentialScan,
     "approximate": Bisection,
 }

@@ -170,6 +170,19 @@ def _inference_copy(network: nn.Module, normalized: Tensor) -> nn.Module:
     return derived_copy(network, "inference", _inference_network, normalized[:1])
 
 
+def inference_parts(model: nn.Module, probe: Tensor) -> tuple[nn.Module, nn.Module] | None:
+    """A PixelClassifier's ``normalize`` and the cached inference copy of its network.
+
+    ``probe`` (pixels) checks the copy when it is first built. ``None`` for other modules.
+    """
+    parts = _parts(model)
+    if parts is None:
+        return None
+    normalize, network = parts
+    with torch.inference_mode():
+        return normalize, _inference_copy(network, inference_layout(normalize(probe[:1])))
+
+
 def input_normalizer(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """What :func:`normalized_logits` expects applied to pixels: a PixelClassifier's own
     ``normalize``, nothing for any other module."""

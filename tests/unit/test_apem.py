@@ -10,6 +10,7 @@ from handlers.metrics.flip_search import (
     NOT_FOUND,
     BatchedScan,
     Bisection,
+    CertifiedScan,
     Grid,
     SearchStats,
     SequentialScan,
@@ -40,6 +41,27 @@ class TableProblem:
         return self.table[units, ks - 1]
 
 
+class ProvableTableProblem(TableProblem):
+    """A table whose runs without a flip are "proven" up to ``provable[u]`` points long."""
+
+    def __init__(self, table: torch.Tensor, batch_size: int, provable: torch.Tensor, members: int = 1) -> None:
+        super().__init__(table, batch_size, members)
+        self.provable = provable
+        self.runs_tried = 0
+
+    def bounds(self) -> object:
+        return self
+
+    def certify(self, units: torch.Tensor, ks: torch.Tensor, lengths: torch.Tensor, step: float) -> torch.Tensor:
+        assert torch.all(lengths >= 1) and torch.all(ks + lengths - 1 <= self.table.shape[1])
+        self.runs_tried += units.numel()
+        self.stats.bound_passes += 1
+        points = torch.arange(self.table.shape[1]) + 1
+        inside = (points >= ks.unsqueeze(1)) & (points < (ks + lengths).unsqueeze(1))
+        clear = ~(self.table[units] & inside).any(dim=1)
+        return torch.where(clear & (lengths <= self.provable[units]), 1.0, -1.0)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize(("batch_size", "first_chunk", "members"), [(1, 1, 1), (7, 3, 1), (64, 16, 1), (40, 4, 10)])
 def test_batched_scan_equals_sequential_scan_on_arbitrary_patterns(
@@ -55,6 +77,45 @@ def test_batched_scan_equals_sequential_scan_on_arbitrary_patterns(
     for h in (None, hints):
         assert torch.equal(BatchedScan(first_chunk).search(problem, grid, h), expected)  # type: ignore[arg-type]
     assert expected[3] == NOT_FOUND
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("batch_size", "first_chunk", "members"), [(1, 1, 1), (7, 3, 1), (64, 16, 1), (40, 4, 10)])
+def test_certified_scan_equals_sequential_scan_on_arbitrary_patterns(
+    seed: int, batch_size: int, first_chunk: int, members: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.rand((25, 200), generator=generator) < torch.rand((25, 1), generator=generator) * 0.05
+    table[3] = False  # never flips
+    provable = torch.randint(0, 80, (25,), generator=generator)
+    grid = Grid(step=0.5, max_steps=200)
+    expected = SequentialScan().search(TableProblem(table, 1), grid)  # type: ignore[arg-type]
+    for h in (None, torch.randint(0, 50, (25,), generator=generator)):
+        problem = ProvableTableProblem(table, batch_size, provable, members)
+        assert torch.equal(CertifiedScan(first_chunk).search(problem, grid, h), expected)  # type: ignore[arg-type]
+        assert problem.stats.proven_points > 0
+
+
+def test_certified_scan_proves_long_runs_and_evaluates_little() -> None:
+    first = torch.tensor([700, 1500, 0, 40])
+    table = (torch.arange(1, 2001).unsqueeze(0) == first.unsqueeze(1)) & (first.unsqueeze(1) > 0)
+    problem = ProvableTableProblem(table, 64, torch.full((4,), 64))
+    found = CertifiedScan(16).search(problem, Grid(1.0, 2000))  # type: ignore[arg-type]
+    assert found.tolist() == [700, 1500, NOT_FOUND, 40]
+    assert problem.stats.evaluations <= 4 * 16
+    assert problem.stats.proven_points + problem.stats.evaluations >= 699 + 1499 + 2000 + 39
+
+
+def test_certified_scan_stops_proving_when_proofs_do_not_pay() -> None:
+    first = torch.tensor([700, 0])
+    table = (torch.arange(1, 2001).unsqueeze(0) == first.unsqueeze(1)) & (first.unsqueeze(1) > 0)
+    batched = TableProblem(table, 64)
+    BatchedScan(16).search(batched, Grid(1.0, 2000))  # type: ignore[arg-type]
+    problem = ProvableTableProblem(table, 64, torch.zeros(2, dtype=torch.long))  # nothing is ever proven
+    found = CertifiedScan(16).search(problem, Grid(1.0, 2000))  # type: ignore[arg-type]
+    assert found.tolist() == [700, NOT_FOUND]
+    assert problem.runs_tried <= 2 * 2 * 2  # two rounds of two runs per unit, then no more
+    assert problem.stats.evaluations <= batched.stats.evaluations + 64
 
 
 def test_bisection_finds_the_flip_of_monotone_patterns_in_few_passes() -> None:
