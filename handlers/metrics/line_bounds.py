@@ -53,12 +53,27 @@ class UnsupportedNetwork(TypeError):
 
 class Enclosure(NamedTuple):
     """``z(t) in centre + slope * (t - half) +- radius`` for ``0 <= t <= 2 half`` (per row):
-    ``centre`` is the value at the middle of the segment."""
+    ``centre`` is the value at the middle of the segment.
 
-    centre: Tensor
-    slope: Tensor
+    Centres and slopes are stacked in one tensor, ``affine`` (``2P`` rows: the centres, then
+    the slopes), so that a linear layer maps both in one call without concatenating them.
+    """
+
+    affine: Tensor
     radius: Tensor
     half: Tensor  # (P, 1, ...) half the segment's length, broadcastable to the others
+
+    @property
+    def centre(self) -> Tensor:
+        return self.affine[: self.radius.shape[0]]
+
+    @property
+    def slope(self) -> Tensor:
+        return self.affine[self.radius.shape[0] :]
+
+    def pairs(self) -> Tensor:
+        """``affine`` as ``(2, P, ...)``: broadcasts a per-row factor over centre and slope."""
+        return self.affine.unflatten(0, (2, -1))
 
     def width(self) -> Tensor:
         """Elementwise half-width of the interval the values take over the whole segment."""
@@ -87,12 +102,11 @@ def _linear_step(layer: nn.Conv2d | nn.Linear) -> Step:
             return F.linear(z, w)
 
     def step(e: Enclosure) -> Enclosure:
-        rows = e.centre.shape[0]
-        both = apply(torch.cat([e.centre, e.slope]), weight)
-        centre, slope = both[:rows], both[rows:]
+        affine = apply(e.affine, weight)
+        radius = apply(e.radius, magnitude)
         if bias is not None:
-            centre = centre + (bias.view(1, -1, 1, 1) if centre.dim() == 4 else bias)
-        return Enclosure(centre, slope, apply(e.radius, magnitude), _shaped(e.half, centre))
+            affine[: radius.shape[0]] += bias.view(1, -1, 1, 1) if affine.dim() == 4 else bias
+        return Enclosure(affine, radius, _shaped(e.half, radius))
 
     return step
 
@@ -104,12 +118,12 @@ def _relu(e: Enclosure) -> Enclosure:
     (c + w) / 2w`` clamped to [0, 1] is 1 for an active and 0 for an inactive unit, and the
     shift ``mu = -lambda l / 2 = lambda relu(w - c) / 2`` is 0 for both.
     """
-    width = e.width()
-    gain = ((e.centre + width) / (2 * width).clamp(min=1e-30)).clamp_(0.0, 1.0)
-    shift = (width - e.centre).clamp_(min=0.0).mul_(gain).mul_(0.5)
-    return Enclosure(
-        torch.addcmul(shift, gain, e.centre), gain * e.slope, torch.addcmul(shift, gain, e.radius), e.half
-    )
+    centre, width = e.centre, e.width()
+    gain = ((centre + width) / (2 * width).clamp(min=1e-30)).clamp_(0.0, 1.0)
+    shift = (width - centre).clamp_(min=0.0).mul_(gain).mul_(0.5)
+    affine = e.pairs() * gain
+    affine[0] += shift
+    return Enclosure(affine.flatten(0, 1), torch.addcmul(shift, gain, e.radius), e.half)
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -139,7 +153,7 @@ def _max_pool_step(pool: nn.MaxPool2d) -> Step:
         pooled_low, pooled_high = pool(low), pool(high)
         centre, radius = (pooled_low + pooled_high) / 2, (pooled_high - pooled_low) / 2
         if not tiles:
-            return Enclosure(centre, torch.zeros_like(centre), radius, _shaped(e.half, centre))
+            return Enclosure(torch.cat([centre, torch.zeros_like(centre)]), radius, _shaped(e.half, centre))
         best_low = F.interpolate(pooled_low, scale_factor=kernel, mode="nearest")
         rows, cols = best_low.shape[-2:]
         low, high = low[..., :rows, :cols], high[..., :rows, :cols]
@@ -151,9 +165,8 @@ def _max_pool_step(pool: nn.MaxPool2d) -> Step:
         def pick(z: Tensor, otherwise: Tensor) -> Tensor:
             return torch.where(exact, window_sum(z[..., :rows, :cols] * chosen), otherwise)
 
-        return Enclosure(
-            pick(e.centre, centre), pick(e.slope, torch.zeros_like(centre)), pick(e.radius, radius), _shaped(e.half, centre)
-        )
+        affine = torch.cat([pick(e.centre, centre), pick(e.slope, torch.zeros_like(centre))])
+        return Enclosure(affine, pick(e.radius, radius), _shaped(e.half, centre))
 
     return step
 
@@ -162,9 +175,8 @@ def _monotone_linear_step(module: nn.Module) -> Step:
     """Average pooling and flattening: linear with non-negative weights, applied to all three."""
 
     def step(e: Enclosure) -> Enclosure:
-        rows = e.centre.shape[0]
-        out = module(torch.cat([e.centre, e.slope, e.radius]))
-        return Enclosure(out[:rows], out[rows : 2 * rows], out[2 * rows :], _shaped(e.half, out))
+        radius = module(e.radius)
+        return Enclosure(module(e.affine), radius, _shaped(e.half, radius))
 
     return step
 
@@ -180,7 +192,9 @@ def _batch_norm_step(bn: nn.BatchNorm2d) -> Step:
     scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
     def step(e: Enclosure) -> Enclosure:
-        return Enclosure(e.centre * scale + shift, e.slope * scale, e.radius * scale.abs(), e.half)
+        affine = e.pairs() * scale
+        affine[0] += shift
+        return Enclosure(affine.flatten(0, 1), e.radius * scale.abs(), e.half)
 
     return step
 
@@ -201,7 +215,7 @@ def _residual_step(main: list[nn.Module], shortcut: nn.Module | None) -> Step:
 
     def step(e: Enclosure) -> Enclosure:
         a, b = through_main(e), through_shortcut(e)
-        return _relu(Enclosure(a.centre + b.centre, a.slope + b.slope, a.radius + b.radius, a.half))
+        return _relu(Enclosure(a.affine + b.affine, a.radius + b.radius, a.half))
 
     return step
 
@@ -264,10 +278,9 @@ class LineBounds:
         Returns:
             ``(P,)`` the bound less the tolerance, in logit units.
         """
-        e = self.body(Enclosure(middles, directions, torch.zeros_like(middles), _shaped(halves, middles)))
-        rows = middles.shape[0]
-        both = F.linear(torch.cat([e.centre, e.slope]), self.last.weight)
-        logits, slope = both[:rows], both[rows:]
+        affine = inference_layout(torch.cat([middles, directions]))
+        e = self.body(Enclosure(affine, torch.zeros_like(affine[: middles.shape[0]]), _shaped(halves, middles)))
+        logits, slope = F.linear(e.affine, self.last.weight).unflatten(0, (2, -1))
         if self.last.bias is not None:
             logits = logits + self.last.bias
         own = reference.unsqueeze(1)
