@@ -135,6 +135,11 @@ class FlipProblem:
         return torch.cat(flips) if flips else torch.zeros(0, dtype=torch.bool)
 
 
+    @property
+    def segments_per_pass(self) -> int:
+        """Units per pass of :meth:`certify`: a segment's bounds hold three tensors per member."""
+        return max(1, self.batch_size // (3 * self.members))
+
     def bounds(self) -> tuple[nn.Module, LineBounds] | None:
         """The model's normalisation and margin bounds; ``None`` where no proof is possible
         (clipped perturbations are not a segment; a layer without a propagation rule)."""
@@ -153,7 +158,7 @@ class FlipProblem:
         """
         normalize, bounds = self.bounds()  # type: ignore[misc]
         lowest = []
-        per_pass = max(1, self.batch_size // (3 * self.members))
+        per_pass = self.segments_per_pass
         device, members = self.images.device, self.members
         for start in range(0, units.numel(), per_pass):
             u = units[start : start + per_pass].to(device)
@@ -270,9 +275,11 @@ class _Walk:
 class CertifiedScan(FlipSearch):
     """Exact scan that proves runs of grid points flip-free instead of evaluating them.
 
-    Each unit walks its grid in order. It asks :meth:`FlipProblem.certify` for up to
-    ``runs_per_pass`` consecutive runs of ``run`` grid points and skips the runs proven
-    before the first unproven one. ``run`` grows by a quarter after a round whose runs were
+    Each unit walks its grid in order. It asks :meth:`FlipProblem.certify` for
+    ``runs_per_pass`` consecutive runs of ``run`` grid points (up to ``spread`` times as many
+    while few units share the pass; measured, eight images of shapes-resnet one per call:
+    80-90 instead of 107-110 ms per image, and 50-59 instead of 56-69 ms all in one call)
+    and skips the runs proven before the first unproven one. ``run`` grows by a quarter after a round whose runs were
     all proven (up to ``longest_run``) and halves otherwise; once a run of ``shortest_run``
     points is not proven, the unit evaluates its next ``chunk`` points instead, as
     :class:`BatchedScan` does. ``chunk`` starts at ``shortest_run`` and doubles with every
@@ -296,6 +303,7 @@ class CertifiedScan(FlipSearch):
 
     growth = 1.25
     points_per_run = 8
+    spread = 3
 
     def __init__(
         self, first_chunk: int = 16, runs_per_pass: int = 2, longest_run: int = 1024, shortest_run: int = 8
@@ -306,17 +314,17 @@ class CertifiedScan(FlipSearch):
         self.longest_run = max(self.first_chunk, longest_run)
 
     def search(self, problem: FlipProblem, grid: Grid, hints: torch.Tensor | None = None) -> torch.Tensor:
-        """Certified exact scan (see the class docstring)."""
+        """Certified exact scan (see the class docstring). ``hints`` only size the work of
+        the fallback: a proof as long as a hinted flip is seldom possible, and measured on
+        the Explanation Filter's rounds (whose hints are the last round's answers) starting
+        from ``first_chunk`` took 10.8 s where starting from half the hint took 14.5 s."""
         if problem.bounds() is None:
             return BatchedScan(self.first_chunk).search(problem, grid, hints)
         n = problem.units
-        run = torch.full((n,), self.first_chunk, dtype=torch.long)
-        if hints is not None:
-            run = torch.where(hints > 1, (hints // 2).clamp(self.shortest_run, self.longest_run), run)
         walk = _Walk(
             result=torch.full((n,), NOT_FOUND, dtype=torch.long),
             next_k=torch.ones(n, dtype=torch.long),
-            run=run,
+            run=torch.full((n,), self.first_chunk, dtype=torch.long),
             chunk=torch.full((n,), self.shortest_run, dtype=torch.long),
             evaluate=torch.zeros(n, dtype=torch.bool),
         )
@@ -336,7 +344,8 @@ class CertifiedScan(FlipSearch):
     def _prove(self, problem: FlipProblem, grid: Grid, units: torch.Tensor, walk: _Walk) -> None:
         """One round of proofs: advance past the proven runs, resize ``run``."""
         run = walk.run[units]
-        starts = walk.next_k[units, None] + torch.arange(self.runs_per_pass) * run[:, None]
+        runs = max(self.runs_per_pass, min(self.spread * self.runs_per_pass, problem.segments_per_pass // units.numel()))
+        starts = walk.next_k[units, None] + torch.arange(runs) * run[:, None]
         lengths = torch.minimum(run[:, None], grid.max_steps - starts + 1)
         wanted = lengths > 0
         proven = torch.zeros_like(wanted)
