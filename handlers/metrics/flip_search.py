@@ -267,6 +267,7 @@ class _Walk:
     run: torch.Tensor  # grid points per proof
     chunk: torch.Tensor  # grid points per evaluation
     evaluate: torch.Tensor  # whether the next points are evaluated rather than proven
+    rounds: int = 0
     runs_tried: int = 0
     points_proven: int = 0
     proving: bool = True  # proofs pay for themselves (see CertifiedScan.points_per_run)
@@ -289,8 +290,9 @@ class CertifiedScan(FlipSearch):
     the answer is the sequential scan's. Where the model has no bounds (clipped
     perturbations, a layer without a propagation rule) the search is :class:`BatchedScan`.
 
-    Proofs stop for the whole search once they have tried two runs per unit and proven fewer
-    than ``points_per_run`` grid points per run tried: one run costs about as much as
+    Proofs stop for the whole search once, after ``rounds_before_judging`` rounds, they have
+    proven fewer than ``points_per_run`` grid points per run tried (a unit's runs up to its
+    first unproven one; the runs after it are spare rows of a pass that was made anyway): one run costs about as much as
     evaluating that many points (measured on the demo models: 5x a forward pass on
     shapes-resnet, 11x on shapes-vgg, whose first layer runs at full resolution), so from
     then on the search is :class:`BatchedScan`'s. Deep networks get there: the radius grows
@@ -303,6 +305,7 @@ class CertifiedScan(FlipSearch):
 
     growth = 1.25
     points_per_run = 8
+    rounds_before_judging = 3
     spread = 3
 
     def __init__(
@@ -334,7 +337,7 @@ class CertifiedScan(FlipSearch):
             if proving.numel():
                 self._prove(problem, grid, proving, walk)
                 paid = walk.points_proven >= self.points_per_run * walk.runs_tried
-                walk.proving = paid or walk.runs_tried < 2 * n
+                walk.proving = paid or walk.rounds < self.rounds_before_judging
             scanning = active[walk.evaluate[active]] if walk.proving else active
             if scanning.numel():
                 self._scan(problem, grid, scanning, walk)
@@ -351,13 +354,14 @@ class CertifiedScan(FlipSearch):
         proven = torch.zeros_like(wanted)
         pair_units = units[:, None].expand_as(starts)[wanted]
         proven[wanted] = problem.certify(pair_units, starts[wanted], lengths[wanted], grid.step) > 0
-        walk.runs_tried += int(wanted.sum())
         prefix = proven.long().cumprod(dim=1)  # proven runs before the first unproven one
         advance = (prefix * lengths.clamp(min=0)).sum(dim=1)
+        all_proven = (prefix.bool() | ~wanted).all(dim=1)
+        walk.rounds += 1  # runs after a unit's first unproven one are not judged: spare rows
+        walk.runs_tried += int(prefix.sum()) + int((~all_proven).sum())
         walk.points_proven += int(advance.sum())
         problem.stats.proven_points += int(advance.sum())
         walk.next_k[units] += advance
-        all_proven = (prefix.bool() | ~wanted).all(dim=1)
         walk.evaluate[units] = ~all_proven & (run <= self.shortest_run)
         walk.chunk[units[advance > 0]] = self.shortest_run
         grown = torch.maximum(run + 1, (run * self.growth).long()).clamp(max=self.longest_run)
