@@ -134,7 +134,6 @@ class FlipProblem:
             self.stats.evaluations += x.shape[0] * x.shape[1]
         return torch.cat(flips) if flips else torch.zeros(0, dtype=torch.bool)
 
-
     @property
     def segments_per_pass(self) -> int:
         """Units per pass of :meth:`certify`: a segment's bounds hold three tensors per member."""

@@ -35,12 +35,15 @@ class ApemParams(StrictParams):
     Attributes:
         step: grid spacing of ``eps`` (thesis: integer steps, 1).
         max_steps: grid size; ``eps`` beyond ``max_steps * step`` counts as not found.
-        search: ``"exact"`` (batched scan, the sequential scan's answer), ``"sequential"``
-            (the thesis's loop, one pass per ``eps``; slow) or ``"approximate"``
-            (exponential then bisection; flagged approximate).
+        search: ``"exact"`` (the sequential scan's answer: margin bounds prove runs of
+            the grid flip-free, the rest is evaluated in batches), ``"sequential"`` (the
+            thesis's loop, one pass per ``eps``; slow) or ``"approximate"`` (exponential
+            then bisection; flagged approximate).
         batch_size: perturbed images per forward pass.
-        first_chunk: grid points per unit in its first pass of the exact search.
-        clip: clip perturbed images to [0, 1] (the thesis's ``x'`` is not clipped).
+        first_chunk: grid points per unit in the first proof (or, where the model has no
+            bounds, the first pass) of the exact search.
+        clip: clip perturbed images to [0, 1] (the thesis's ``x'`` is not clipped; clipped
+            paths are not segments, so their exact search evaluates every point).
         normalise: also compute ``APEM_norm`` from shuffled maps (section 5.2).
         shuffles: shuffled maps per image for ``APEM_norm`` (thesis: 10).
         seed: seed of the shuffles.
