@@ -289,8 +289,9 @@ class CertifiedScan(FlipSearch):
     the answer is the sequential scan's. Where the model has no bounds (clipped
     perturbations, a layer without a propagation rule) the search is :class:`BatchedScan`.
 
-    Proofs stop for the whole search once, after ``rounds_before_judging`` rounds, they have
-    proven fewer than ``points_per_run`` grid points per run tried (a unit's runs up to its
+    The first round is a probe of one run per unit; proofs stop for the whole search if it
+    proves nothing, or once, after ``rounds_before_judging`` rounds, they have proven fewer
+    than ``points_per_run`` grid points per run tried (a unit's runs up to its
     first unproven one; the runs after it are spare rows of a pass that was made anyway): one run costs about as much as
     evaluating that many points (measured on the demo models: 5x a forward pass on
     shapes-resnet, 11x on shapes-vgg, whose first layer runs at full resolution), so from
@@ -336,7 +337,7 @@ class CertifiedScan(FlipSearch):
             if proving.numel():
                 self._prove(problem, grid, proving, walk)
                 paid = walk.points_proven >= self.points_per_run * walk.runs_tried
-                walk.proving = paid or walk.rounds < self.rounds_before_judging
+                walk.proving = paid or (walk.rounds < self.rounds_before_judging and walk.points_proven > 0)
             scanning = active[walk.evaluate[active]] if walk.proving else active
             if scanning.numel():
                 self._scan(problem, grid, scanning, walk)
@@ -346,7 +347,10 @@ class CertifiedScan(FlipSearch):
     def _prove(self, problem: FlipProblem, grid: Grid, units: torch.Tensor, walk: _Walk) -> None:
         """One round of proofs: advance past the proven runs, resize ``run``."""
         run = walk.run[units]
-        runs = max(self.runs_per_pass, min(self.spread * self.runs_per_pass, problem.segments_per_pass // units.numel()))
+        if walk.rounds == 0:  # a probe: one run per unit, so that a model without useful bounds pays little
+            runs = 1
+        else:
+            runs = max(self.runs_per_pass, min(self.spread * self.runs_per_pass, problem.segments_per_pass // units.numel()))
         starts = walk.next_k[units, None] + torch.arange(runs) * run[:, None]
         lengths = torch.minimum(run[:, None], grid.max_steps - starts + 1)
         wanted = lengths > 0

@@ -93,15 +93,22 @@ def test_certified_scan_proves_long_runs_and_evaluates_little() -> None:
     assert problem.stats.proven_points + problem.stats.evaluations >= 699 + 1499 + 2000 + 39
 
 
-def test_certified_scan_stops_proving_when_proofs_do_not_pay() -> None:
+@pytest.mark.parametrize(
+    ("provable", "first_chunk", "most_runs"),
+    [
+        (0, 16, 2),  # nothing is ever proven: the probe (one run per unit) is all
+        (4, 4, 3 * 2 * 4 + 2),  # runs of 4 prove 4 points a run, below points_per_run: three rounds more
+    ],
+)
+def test_certified_scan_stops_proving_when_proofs_do_not_pay(provable: int, first_chunk: int, most_runs: int) -> None:
     first = torch.tensor([700, 0])
     table = (torch.arange(1, 2001).unsqueeze(0) == first.unsqueeze(1)) & (first.unsqueeze(1) > 0)
     batched = TableProblem(table, 64)
-    BatchedScan(16).search(batched, Grid(1.0, 2000))  # type: ignore[arg-type]
-    problem = ProvableTableProblem(table, 64, torch.zeros(2, dtype=torch.long))  # nothing is ever proven
-    found = CertifiedScan(16).search(problem, Grid(1.0, 2000))  # type: ignore[arg-type]
+    BatchedScan(first_chunk).search(batched, Grid(1.0, 2000))  # type: ignore[arg-type]
+    problem = ProvableTableProblem(table, 64, torch.full((2,), provable))
+    found = CertifiedScan(first_chunk).search(problem, Grid(1.0, 2000))  # type: ignore[arg-type]
     assert found.tolist() == [700, NOT_FOUND]
-    assert problem.runs_tried <= 3 * 2 * 4  # three rounds of four runs per unit (two units, 8 per pass), then none
+    assert problem.runs_tried <= most_runs
     assert problem.stats.evaluations <= batched.stats.evaluations + 64
 
 
