@@ -15,14 +15,16 @@ non-linear layers cannot carry). Linear layers map ``(c, s)`` by ``W`` and ``r``
 sign is replaced by the parallel-bounds relaxation of DeepZ (Singh et al., "Fast and
 Effective Robustness Certification", NeurIPS 2018, section 3): with ``l < 0 < u`` the
 bounds of its input, ``relu(z) in lambda z + mu +- mu``, ``lambda = u / (u - l)``,
-``mu = -lambda l / 2``. Max-pooling keeps only a constant interval. The margin of the
-reference class over class ``j`` is bounded through the difference of their rows of the
-last linear layer, so its radius is ``|w_ref - w_j| . r`` and not the looser sum.
+``mu = -lambda l / 2``. Max-pooling is exact in a window whose best unit stays on top
+and a constant interval elsewhere. The margin of the reference class over class ``j`` is
+bounded through the difference of their rows of the last linear layer, so its radius is
+``|w_ref - w_j| . r`` and not the looser sum.
 
 Along an APEM path only a few of the tens of thousands of ReLUs change sign between two
 grid points (measured on the demo shapes-resnet: 8-27), so the enclosures stay tight: on
 the demo test images, runs of 16-128 grid points are proven up to one to four points
-before the flip.
+before the flip. The radius grows by about the ratio of ``|W|`` to ``W`` in every layer,
+so on deep networks only short segments are proven (the search then stops trying).
 """
 
 from __future__ import annotations
