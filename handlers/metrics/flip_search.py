@@ -22,6 +22,7 @@ Four strategies, one interface (STYLE 2):
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -101,7 +102,6 @@ class FlipProblem:
         self.clip = clip
         self.batch_size = max(images_per_pass(batch_size, images.shape), directions.shape[1])
         self.stats = SearchStats()
-        self._bounds: tuple[nn.Module, LineBounds] | None | bool = False  # False: not looked up
 
     @property
     def units(self) -> int:
@@ -139,23 +139,22 @@ class FlipProblem:
         """Units per pass of :meth:`certify`: a segment's bounds hold three tensors per member."""
         return max(1, self.batch_size // (3 * self.members))
 
+    @functools.cached_property
     def bounds(self) -> tuple[nn.Module, LineBounds] | None:
         """The model's normalisation and margin bounds; ``None`` where no proof is possible
         (clipped perturbations are not a segment; a layer without a propagation rule)."""
-        if self._bounds is False:
-            parts = None if self.clip else inference_parts(self.model, self.images[:1])
-            bounds = None if parts is None or not hasattr(parts[0], "std") else line_bounds(parts[1])
-            self._bounds = None if bounds is None else (parts[0], bounds)
-        return self._bounds
+        parts = None if self.clip else inference_parts(self.model, self.images[:1])
+        bounds = None if parts is None or not hasattr(parts[0], "std") else line_bounds(parts[1])
+        return None if bounds is None else (parts[0], bounds)
 
     def certify(self, units: torch.Tensor, ks: torch.Tensor, lengths: torch.Tensor, step: float) -> torch.Tensor:
         """A lower bound of the logit margin on the grid points ``ks[p] .. ks[p] + lengths[p]
         - 1`` of unit ``units[p]`` (all members), less the float tolerance: positive proves
         that none of them flips (:meth:`LineBounds.lowest_margins`). Batched.
 
-        Needs :meth:`bounds`. The bounds of a segment cost about five forward passes.
+        Needs :attr:`bounds`. The bounds of a segment cost about five forward passes.
         """
-        normalize, bounds = self.bounds()  # type: ignore[misc]
+        normalize, bounds = self.bounds  # type: ignore[misc]
         lowest = []
         per_pass = self.segments_per_pass
         device, members = self.images.device, self.members
@@ -279,10 +278,10 @@ class CertifiedScan(FlipSearch):
     ``runs_per_pass`` consecutive runs of ``run`` grid points (up to ``spread`` times as many
     while few units share the pass; measured, eight images of shapes-resnet one per call:
     80-90 instead of 107-110 ms per image, and 50-59 instead of 56-69 ms all in one call)
-    and skips the runs proven before the first unproven one. ``run`` grows by a quarter after a round whose runs were
-    all proven (up to ``longest_run``) and halves otherwise; once a run of ``shortest_run``
-    points is not proven, the unit evaluates its next ``chunk`` points instead, as
-    :class:`BatchedScan` does. ``chunk`` starts at ``shortest_run`` and doubles with every
+    and skips the runs proven before the first unproven one. ``run`` grows by a quarter
+    after a round whose runs were all proven (up to ``longest_run``) and halves otherwise;
+    once a run of ``shortest_run`` points is not proven, the unit evaluates its next
+    ``chunk`` points instead, as :class:`BatchedScan` does. ``chunk`` starts at ``shortest_run`` and doubles with every
     evaluation that finds no flip until a proof succeeds again, so a model whose bounds
     rarely prove anything costs about what :class:`BatchedScan` costs plus a proof per
     doubling. A proof bounds every point of its segment, so a proven point cannot flip and
@@ -291,9 +290,9 @@ class CertifiedScan(FlipSearch):
 
     The first round is a probe of one run per unit; proofs stop for the whole search if it
     proves nothing, or once, after ``rounds_before_judging`` rounds, they have proven fewer
-    than ``points_per_run`` grid points per run tried (a unit's runs up to its
-    first unproven one; the runs after it are spare rows of a pass that was made anyway): one run costs about as much as
-    evaluating that many points (measured on the demo models: 5x a forward pass on
+    than ``points_per_run`` grid points per run tried (a unit's runs up to its first
+    unproven one; the runs after it are spare rows of a pass that was made anyway): one run
+    costs about as much as evaluating that many points (measured on the demo models: 5x a forward pass on
     shapes-resnet, 11x on shapes-vgg, whose first layer runs at full resolution), so from
     then on the search is :class:`BatchedScan`'s. Deep networks get there: the radius grows
     by about the ratio of ``|W|`` to ``W`` in every layer.
@@ -321,7 +320,7 @@ class CertifiedScan(FlipSearch):
         the fallback: a proof as long as a hinted flip is seldom possible, and measured on
         the Explanation Filter's rounds (whose hints are the last round's answers) starting
         from ``first_chunk`` took 10.8 s where starting from half the hint took 14.5 s."""
-        if problem.bounds() is None:
+        if problem.bounds is None:
             return BatchedScan(self.first_chunk).search(problem, grid, hints)
         n = problem.units
         walk = _Walk(

@@ -51,8 +51,7 @@ class ProvableTableProblem(TableProblem):
         self.provable = provable
         self.runs_tried = 0
 
-    def bounds(self) -> object:
-        return self
+    bounds = True  # the fake always has bounds
 
     def certify(self, units: torch.Tensor, ks: torch.Tensor, lengths: torch.Tensor, step: float) -> torch.Tensor:
         assert torch.all(lengths >= 1) and torch.all(ks + lengths - 1 <= self.table.shape[1])
