@@ -45,13 +45,12 @@ class ProvableTableProblem(TableProblem):
     """A table whose runs without a flip are "proven" up to ``provable[u]`` points long."""
 
     segments_per_pass = 8
+    bounds = True  # the fake always has bounds
 
     def __init__(self, table: torch.Tensor, batch_size: int, provable: torch.Tensor, members: int = 1) -> None:
         super().__init__(table, batch_size, members)
         self.provable = provable
         self.runs_tried = 0
-
-    bounds = True  # the fake always has bounds
 
     def certify(self, units: torch.Tensor, ks: torch.Tensor, lengths: torch.Tensor, step: float) -> torch.Tensor:
         assert torch.all(lengths >= 1) and torch.all(ks + lengths - 1 <= self.table.shape[1])
