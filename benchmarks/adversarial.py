@@ -77,7 +77,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> t
 
 
 # --------------------------------------------------------------------------- attacks
-def bench_attacks(model: PixelClassifier, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+def bench_attacks(model: PixelClassifier, x: torch.Tensor, y: torch.Tensor, device: torch.device, rounds: int) -> None:
     import torchattacks
 
     ours = get_attack("ifgsm", {"eps": 0.01})  # step 0.001, M = 10
@@ -89,18 +89,34 @@ def bench_attacks(model: PixelClassifier, x: torch.Tensor, y: torch.Tensor, devi
         with torch.no_grad():  # what the caller needs next: clean and adversarial predictions
             return torch.stack([model(xb).argmax(1), model(adv).argmax(1)])
 
-    n, rows = x.shape[0], []
+    n = x.shape[0]
     candidates: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], object]]] = [
         ("ours (stop at flip)", lambda a, b: ours(model, a, b)),
         ("ours (all steps)", lambda a, b: ours_full(model, a, b)),
         ("torchattacks BIM", lambda a, b: theirs(a, b)),
         ("torchattacks BIM + predictions", theirs_with_predictions),
     ]
-    for name, run in candidates:
-        single, _ = timed(lambda run=run: [run(x[i : i + 1], y[i : i + 1]) for i in range(n)], device, 2)
-        batch, _ = timed(lambda run=run: run(x, y), device, 2)
-        rows.append([name, 1000 * single / n, 1000 * batch / n])
-    table(f"IFGSM, M = 10, step 0.001 ({n} images, {device.type})", ["method", "ms/image, 1 per call", f"ms/image, {n} per call"], rows)
+    calls: dict[str, Callable[[Callable[[torch.Tensor, torch.Tensor], object]], object]] = {
+        "1 per call": lambda run: [run(x[i : i + 1], y[i : i + 1]) for i in range(n)],
+        f"{n} per call": lambda run: run(x, y),
+    }
+    # Interleaved rounds: the machine's load moves between them, and each round's ratio to
+    # BIM compares runs taken moments apart.
+    ms: dict[tuple[str, str], list[float]] = {(name, call): [] for name, _ in candidates for call in calls}
+    for _ in range(rounds):
+        for call, batching in calls.items():
+            for name, run in candidates:
+                seconds, _ = timed(lambda batching=batching, run=run: batching(run), device)
+                ms[name, call].append(1000 * seconds / n)
+    rows = []
+    for name, _ in candidates:
+        row: list[object] = [name]
+        for call in calls:
+            ratios = [a / b for a, b in zip(ms[name, call], ms["torchattacks BIM", call], strict=True)]
+            row += [float(np.median(ms[name, call])), float(np.median(ratios))]
+        rows.append(row)
+    headers = ["method"] + [f"{heading}, {call}" for call in calls for heading in ("ms/image", "time / BIM's")]
+    table(f"IFGSM, M = 10, step 0.001 ({n} images, {device.type}; medians of {rounds} interleaved rounds)", headers, rows)
 
 
 # --------------------------------------------------------------------------- APEM
@@ -205,6 +221,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=Path, help="npz written by --save-inputs")
     parser.add_argument("--save-inputs", type=Path)
     parser.add_argument("--sections", nargs="*", default=["attacks", "apem", "filter", "mmd"])
+    parser.add_argument("--attack-rounds", type=int, default=10)
     parser.add_argument("--filter-sizes", type=int, nargs="*", default=[64, 224])
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc defaults (the service tunes them: handlers.allocator)")
@@ -228,7 +245,7 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {MODEL}, "
           f"malloc {'glibc defaults' if args.default_malloc else 'as the service sets it'}")
     if "attacks" in args.sections:
-        bench_attacks(model, x, y, device)
+        bench_attacks(model, x, y, device, args.attack_rounds)
     if "apem" in args.sections:
         bench_apem(model, x[: min(len(x), 8)], grid, device)
     if "filter" in args.sections:

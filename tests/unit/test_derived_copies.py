@@ -1,4 +1,5 @@
-"""The fused inference copy: same logits, the served network untouched, rebuilt on change."""
+"""The fused inference copy: same logits and input gradients, the served network untouched,
+rebuilt on change."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.models.derived import inference_embeddings, inference_features, inference_logits
+from handlers.models.derived import (
+    FusedClassifier,
+    fused_classifier,
+    inference_embeddings,
+    inference_features,
+    inference_logits,
+)
 from tests.unit.explainers.conftest import make_classifier, make_images
 
 
@@ -84,3 +91,29 @@ def test_in_place_relus_of_the_copy_keep_deeper_torchvision_blocks_exact(archite
     torch.testing.assert_close(inference_logits(model, images), expected, rtol=1e-4, atol=1e-5)
     served = [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)]
     assert served and not any(served)  # the served network keeps its hooks' inputs intact
+
+
+@pytest.mark.parametrize("architecture", ["shapes_resnet", "shapes_vgg", "resnet50", "densenet121"])
+def test_fused_classifier_gives_the_served_input_gradients(architecture: str) -> None:
+    """Gradients run through the copy's in-place ReLUs and channels-last weights (built in
+    inference mode by the scoring path first) and equal the served network's (float64, so
+    that rounding does not hide a wrong gradient: random deep networks amplify it)."""
+    torch.set_num_threads(1)
+    model = make_classifier(architecture, dtype=torch.float64)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inference_logits(model, images)  # the shared copy, first built inside inference mode
+    fused = fused_classifier(model, images)
+    assert isinstance(fused, FusedClassifier)
+
+    def input_gradient(classifier: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = images.clone().requires_grad_(True)
+        logits = classifier(leaf)
+        (gradient,) = torch.autograd.grad(logits.log_softmax(1)[:, 1].sum(), leaf)
+        return logits.detach(), gradient
+
+    (expected_logits, expected), (logits, gradient) = input_gradient(model), input_gradient(fused)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-9, atol=1e-9)
+    assert (gradient - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert gradient.is_contiguous()  # in the input's layout, not the copy's channels-last
+    assert all(p.grad is None for p in model.parameters())
+    assert fused_classifier(nn.Identity(), images).__class__ is nn.Identity  # plain modules as they are
