@@ -101,12 +101,15 @@ def concatenate(results: list[AttackBatchResult]) -> AttackBatchResult:
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:
-    """Validate a ``(B, 3, H, W)`` float batch in [0, 1]; raise :class:`InvalidParameter`."""
+    """Validate a non-empty ``(B, 3, H, W)`` float batch in [0, 1]; raise
+    :class:`InvalidParameter`."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
         raise InvalidParameter("images", f"expected a (B, 3, H, W) tensor, got {shape}")
     if not images.is_floating_point():
         raise InvalidParameter("images", f"expected floating point pixels, got {images.dtype}")
+    if images.shape[0] == 0:
+        raise InvalidParameter("images", "expected at least one image, got an empty batch")
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise InvalidParameter("images", "pixels must lie in [0, 1] (the model normalises itself)")
     return images.clone() if images.is_inference() else images.detach()

@@ -244,6 +244,8 @@ def test_bad_relevance_maps() -> None:
         apem(model, x, maps[:, :2])
     with pytest.raises(InvalidParameter, match="targets"):
         apem(model, x, maps, targets=torch.tensor([0, 1, 5]))
+    with pytest.raises(InvalidParameter, match="at least one image"):
+        apem(model, x[:0], maps[:0])
 
 
 def test_works_under_an_outer_inference_mode() -> None:

@@ -203,6 +203,8 @@ def test_bad_call_arguments() -> None:
         get_attack("ifgsm")(model, images(2) * 3)
     with pytest.raises(InvalidParameter, match="images"):
         get_attack("ifgsm")(model, torch.rand(2, 8, 8))
+    with pytest.raises(InvalidParameter, match="at least one image"):
+        get_attack("ifgsm")(model, images(2)[:0])
 
 
 def test_unknown_attack() -> None:
