@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from handlers.budget import MAX_BATCH_SIZE
-from handlers.models.derived import inference_logits
+from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
@@ -164,11 +164,15 @@ class Explainer(ABC):
         name: The registered public name (set by :func:`register`).
         Params: The method's pydantic parameter model.
         smoothable: Whether SmoothGrad may wrap this method.
+        input_gradients_only: Whether :meth:`attribute` only differentiates the logits with
+            respect to its input (no hooks, no layers by name), so that it may run through
+            the model's fused copy (:meth:`network_for`).
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ExplainerParams]] = ExplainerParams
     smoothable: ClassVar[bool] = False
+    input_gradients_only: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any] | BaseModel | None = None) -> None:
         """Validate ``params`` (raises :class:`InvalidParameter`)."""
@@ -194,7 +198,7 @@ class Explainer(ABC):
         with evaluation_mode(model):
             images = images.clone() if images.is_inference() else images.detach()
             targets = None if targets is None else targets.clone()
-            result = self.attribute(model, images, targets)
+            result = self.attribute(self.network_for(model, images), images, targets)
         relevance = result.relevance.detach().to(torch.float32)
         if relevance.shape != images.shape:
             raise RuntimeError(
@@ -215,6 +219,13 @@ class Explainer(ABC):
         Implementations resolve ``targets`` with :func:`resolve_targets` on the first logits
         they compute.
         """
+
+    def network_for(self, model: nn.Module, images: Tensor) -> nn.Module:
+        """What :meth:`attribute` runs: the model's fused copy
+        (:class:`~handlers.models.derived.FusedClassifier`: batch norm folded, channels-last;
+        the same function to float rounding, input gradients 20-30 % cheaper) for a method
+        with :attr:`input_gradients_only`, the model itself otherwise."""
+        return fused_classifier(model, images) if self.input_gradients_only else model
 
     def predicted_targets(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Tensor:
         """Resolve targets with one pass of the fused inference copy (multi-sample methods).

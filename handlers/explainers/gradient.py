@@ -29,6 +29,7 @@ class Gradient(Explainer):
 
     Params = GradientParams
     smoothable = True
+    input_gradients_only = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Input gradient of ``logits[b, targets[b]]`` for every image ``b``."""

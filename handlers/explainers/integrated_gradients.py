@@ -71,6 +71,7 @@ class IntegratedGradients(Explainer):
 
     Params = IntegratedGradientsParams
     smoothable = True
+    input_gradients_only = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Gradients at the path points, weighted and summed, times ``x - x'``.

@@ -112,6 +112,10 @@ class SmoothGrad(Explainer):
         p = self.params
         self.inner = get_explainer(p.base)(p.base_params)
 
+    def network_for(self, model: nn.Module, images: Tensor) -> nn.Module:
+        """What the wrapped explainer runs."""
+        return self.inner.network_for(model, images)
+
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Average the wrapped explainer's relevance over the noisy copies, in batched passes."""
         p = self.params

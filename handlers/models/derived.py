@@ -2,8 +2,8 @@
 
 Two purposes use them: LRP's canonized copy (batch norm merged, rule-aware layers;
 :mod:`handlers.explainers.lrp_core`) and the fused inference copy that scores many images
-without gradients (:func:`inference_logits`) and carries the attacks' input gradients
-(:class:`FusedClassifier`). The served network itself is never modified:
+without gradients (:func:`inference_logits`) and carries the input gradients of the attacks
+and of the gradient explainers (:class:`FusedClassifier`). The served network itself is never modified:
 every copy is a deep copy, cached per network and purpose, and rebuilt when a weight or
 buffer of the network changes in place.
 """
@@ -135,9 +135,8 @@ def inference_layout(batch: Tensor) -> Tensor:
     On the CPU, convolutions on channels-last input take oneDNN's kernels instead of the
     im2col path: measured on two cores, shapes-resnet at batch 128 runs 0.37 -> 0.20 ms per
     image and resnet18 at batch 16 25.5 -> 21.3 ms per image; the logits agree with the
-    default layout to about 1e-6. The explainers' gradients keep the served network and its
-    default layout, whose results the references (captum, zennit) match; the attacks'
-    gradients, whose signs only count, run through :class:`FusedClassifier`.
+    default layout to about 1e-6. Input gradients through this layout
+    (:class:`FusedClassifier`) agree with the served network's to float rounding.
     """
     return batch.contiguous(memory_format=torch.channels_last)
 
@@ -208,19 +207,23 @@ class FusedClassifier(nn.Module):
     cost per gradient. Input gradients of shapes-resnet on two CPU cores, ms per image at
     batch 1 / 8 / 64: 1.26 / 0.52 / 0.32 through the served network, 0.92 / 0.36 / 0.27
     through this; random-weight resnet18 at 224 x 224: 38.8 / 32.3 -> 32.7 / 23.3 at batch
-    1 / 8. For methods whose result is a gradient's sign (the attacks): sign and rounding
+    1 / 8. Gradient, SmoothGrad and Integrated Gradients run through it (their results
+    match captum's through the served network within the reference tests' tolerances); so
+    do the attacks. For methods whose result is a gradient's sign (the attacks): sign and rounding
     make their iterates chaotic where a component is near zero, so they agree with the same
     method run through the served network on most images, not all, and match a reference
     implementation exactly when it is run through this module too.
     """
 
-    def __init__(self, normalize: nn.Module, network: nn.Module) -> None:
+    def __init__(self, normalize: nn.Module, fused: nn.Module) -> None:
         super().__init__()
-        self.normalize = normalize
-        self.network = network
+        # not ``normalize`` / ``network``: those names make a module a PixelClassifier to
+        # :func:`inference_logits`, which would derive a copy of this copy
+        self.pixel_normalize = normalize
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.network(_ToInferenceLayout.apply(self.normalize(x)))
+        return self.fused(_ToInferenceLayout.apply(self.pixel_normalize(x)))
 
 
 def fused_classifier(model: nn.Module, probe: Tensor) -> nn.Module:
