@@ -23,7 +23,7 @@ from torch import Tensor, autograd, nn
 from handlers.budget import images_per_pass
 from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
 from handlers.metrics.params import SisParams
-from handlers.models.derived import inference_logits
+from handlers.models.derived import fused_classifier, inference_logits
 
 
 def masked_pixel(model: nn.Module, images: Tensor, mask_value: str | float) -> Tensor:
@@ -49,7 +49,8 @@ def show(images: Tensor, fill: Tensor, shown: Tensor) -> Tensor:
 class SufficientInputSubset(Explainer):
     """Sufficient input subsets by gradient-guided backward selection (paper 004, abstract).
 
-    All pixels start shown. Each step is one forward and backward pass of the batch: the
+    All pixels start shown. Each step is one forward and backward pass of the batch (through
+    the model's fused copy, :class:`~handlers.models.derived.FusedClassifier`): the
     gradient ``g`` of the target's log-odds ``log(p / (1 - p))`` with respect to the mask
     estimates what removing a pixel costs (``-g``; the same order as the probability's
     gradient, a positive multiple of it, but it does not vanish where ``p`` rounds to 1),
@@ -79,8 +80,9 @@ class SufficientInputSubset(Explainer):
         pixels = height * width
         order = torch.empty(batch, pixels, dtype=torch.long, device=images.device)
         curves = []
+        differentiable = fused_classifier(model, images)  # the selection's gradients only
         for part in chunks(batch, images_per_pass(self.params.batch_size, images.shape)):
-            order[part], curve = self._backward_selection(model, images[part], targets[part], fill)
+            order[part], curve = self._backward_selection(differentiable, images[part], targets[part], fill)
             curves.append(curve)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(pixels, device=images.device).expand(batch, -1))
         relevance = ((rank + 1).to(images.dtype) / (pixels * channels)).view(batch, 1, height, width)
