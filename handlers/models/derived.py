@@ -3,9 +3,9 @@
 Two purposes use them: LRP's canonized copy (batch norm merged, rule-aware layers;
 :mod:`handlers.explainers.lrp_core`) and the fused inference copy that scores many images
 without gradients (:func:`inference_logits`) and carries the input gradients of the attacks
-and of the gradient explainers (:class:`FusedClassifier`). The served network itself is never modified:
-every copy is a deep copy, cached per network and purpose, and rebuilt when a weight or
-buffer of the network changes in place.
+and of the gradient explainers (:class:`FusedClassifier`). The served network itself is
+never modified: every copy is a deep copy, cached per network and purpose, and rebuilt when
+a weight or buffer of the network changes in place.
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ class FusedClassifier(nn.Module):
     cost per gradient. Input gradients of shapes-resnet on two CPU cores, ms per image at
     batch 1 / 8 / 64: 1.26 / 0.52 / 0.32 through the served network, 0.92 / 0.36 / 0.27
     through this; random-weight resnet18 at 224 x 224: 38.8 / 32.3 -> 32.7 / 23.3 at batch
-    1 / 8. Gradient, SmoothGrad and Integrated Gradients run through it (their results
-    match captum's through the served network within the reference tests' tolerances); so
-    do the attacks. For methods whose result is a gradient's sign (the attacks): sign and rounding
+    1 / 8. Gradient, SmoothGrad, Integrated Gradients and SIS's selection run through it
+    (their results match captum's through the served network within the reference tests'
+    tolerances); so do the attacks, whose result is a gradient's sign: sign and rounding
     make their iterates chaotic where a component is near zero, so they agree with the same
     method run through the served network on most images, not all, and match a reference
     implementation exactly when it is run through this module too.
