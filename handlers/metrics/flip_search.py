@@ -281,8 +281,9 @@ class CertifiedScan(FlipSearch):
     and skips the runs proven before the first unproven one. ``run`` grows by a quarter
     after a round whose runs were all proven (up to ``longest_run``) and halves otherwise;
     once a run of ``shortest_run`` points is not proven, the unit evaluates its next
-    ``chunk`` points instead, as :class:`BatchedScan` does. ``chunk`` starts at ``shortest_run`` and doubles with every
-    evaluation that finds no flip until a proof succeeds again, so a model whose bounds
+    ``chunk`` points instead, as :class:`BatchedScan` does. ``chunk`` starts at
+    ``shortest_run`` and doubles with every evaluation that finds no flip until a proof
+    succeeds again, so a model whose bounds
     rarely prove anything costs about what :class:`BatchedScan` costs plus a proof per
     doubling. A proof bounds every point of its segment, so a proven point cannot flip and
     the answer is the sequential scan's. Where the model has no bounds (clipped
@@ -292,8 +293,9 @@ class CertifiedScan(FlipSearch):
     proves nothing, or once, after ``rounds_before_judging`` rounds, they have proven fewer
     than ``points_per_run`` grid points per run tried (a unit's runs up to its first
     unproven one; the runs after it are spare rows of a pass that was made anyway): one run
-    costs about as much as evaluating that many points (measured on the demo models: 5x a forward pass on
-    shapes-resnet, 11x on shapes-vgg, whose first layer runs at full resolution), so from
+    costs about as much as evaluating that many points (measured on the demo models: 5x a
+    forward pass on shapes-resnet, 11x on shapes-vgg, whose first layer runs at full
+    resolution), so from
     then on the search is :class:`BatchedScan`'s. Deep networks get there: the radius grows
     by about the ratio of ``|W|`` to ``W`` in every layer.
 
