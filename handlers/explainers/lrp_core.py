@@ -241,4 +241,4 @@ def canonized(network: nn.Module, probe: Tensor) -> nn.Module:
         RuntimeError: The canonized copy does not compute the same function (an
             architecture whose batch norms are not where registration order says).
     """
-    return derived_copy(network, "lrp", canonize, probe)
+    return derived_copy(network, "lrp", canonize, lambda: probe)

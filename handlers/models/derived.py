@@ -94,9 +94,11 @@ def _still_valid(entry: _Entry | None) -> bool:
 
 
 def derived_copy(
-    network: nn.Module, purpose: str, build: Callable[[nn.Module], nn.Module], probe: Tensor
+    network: nn.Module, purpose: str, build: Callable[[nn.Module], nn.Module], probe: Callable[[], Tensor]
 ) -> nn.Module:
-    """The cached ``build(network)`` for ``purpose`` (built, and checked on ``probe``, once).
+    """The cached ``build(network)`` for ``purpose`` (built, and checked on ``probe()``, once).
+
+    ``probe`` makes the check's input only when a copy is built, not on every call.
 
     The copy is rebuilt when a weight or buffer of ``network`` changes in place (its
     version counter moves, e.g. ``load_state_dict`` or an optimizer step). Replacing a
@@ -118,7 +120,8 @@ def derived_copy(
         with torch.inference_mode(False):  # ordinary tensors, so gradients may run through
             duplicate = build(network)
         with torch.no_grad():
-            expected, got = network(probe), duplicate(probe)
+            checked = probe()
+            expected, got = network(checked), duplicate(checked)
         tolerance = 1e-3 * (1.0 + float(expected.abs().max()))
         if not torch.allclose(expected, got, rtol=0.0, atol=tolerance):
             raise RuntimeError(
@@ -168,9 +171,9 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return normalize, network
 
 
-def _inference_copy(network: nn.Module, normalized: Tensor) -> nn.Module:
-    """The cached inference copy of ``network`` (checked on the first normalised image)."""
-    return derived_copy(network, "inference", _inference_network, normalized[:1])
+def _inference_copy(network: nn.Module, probe: Callable[[], Tensor]) -> nn.Module:
+    """The cached inference copy of ``network`` (checked on ``probe()``, one normalised image)."""
+    return derived_copy(network, "inference", _inference_network, probe)
 
 
 def inference_parts(model: nn.Module, probe: Tensor) -> tuple[nn.Module, nn.Module] | None:
@@ -182,8 +185,7 @@ def inference_parts(model: nn.Module, probe: Tensor) -> tuple[nn.Module, nn.Modu
     if parts is None:
         return None
     normalize, network = parts
-    with torch.inference_mode():
-        return normalize, _inference_copy(network, inference_layout(normalize(probe[:1])))
+    return normalize, _inference_copy(network, lambda: inference_layout(normalize(probe[:1])))
 
 
 class _ToInferenceLayout(torch.autograd.Function):
@@ -255,7 +257,7 @@ def normalized_logits(model: nn.Module, normalized: Tensor) -> Tensor:
         batch = inference_layout(normalized)  # no copy when already channels-last
         if parts is None:
             return model(batch)
-        return _inference_copy(parts[1], batch)(batch)
+        return _inference_copy(parts[1], lambda: batch[:1])(batch)
 
 
 def inference_logits(model: nn.Module, batch: Tensor) -> Tensor:
@@ -287,7 +289,7 @@ def inference_features(model: nn.Module, batch: Tensor) -> Tensor:
     normalize, network = parts
     with torch.no_grad():
         normalized = inference_layout(normalize(batch))
-        return _inference_copy(network, normalized).features(normalized)
+        return _inference_copy(network, lambda: normalized[:1]).features(normalized)
 
 
 def inference_embeddings(model: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor]:
