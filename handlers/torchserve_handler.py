@@ -5,7 +5,9 @@ across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): 
 ``predict`` requests of a batch go through the model in one forward pass; other tasks run
 one after another. Requests are JSON or binary frames (``handlers.frames``); every reply
 is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without affecting
-the rest of the batch.
+the rest of the batch. A batch runs under :func:`~handlers.deadline.time_limit`, a little
+shorter than the model's ``responseTimeout``, so that a request asking for too much work is
+answered 422 ``time_limit`` instead of TorchServe killing the worker.
 """
 
 from __future__ import annotations
@@ -21,12 +23,23 @@ from pydantic import TypeAdapter, ValidationError
 
 from handlers import contract
 from handlers.allocator import retain_freed_memory
+from handlers.deadline import TimeLimitExceeded, time_limit
 from handlers.frames import FrameError, decode_frame, is_frame
 from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskError, TaskRunner
 
 log = logging.getLogger(__name__)
 _REQUEST = TypeAdapter(contract.TaskRequest)
+
+TORCHSERVE_RESPONSE_TIMEOUT_S = 120
+"""TorchServe's ``responseTimeout`` where a model config does not set one."""
+
+
+def work_time_limit(response_timeout_s: float | None) -> float:
+    """Seconds a batch may work: ``responseTimeout`` less a tenth (at least 5 s, at most 60 s)
+    for decoding, encoding and a model pass already under way when the limit passes."""
+    timeout = float(response_timeout_s or TORCHSERVE_RESPONSE_TIMEOUT_S)
+    return max(1.0, timeout - min(60.0, max(5.0, timeout / 10)))
 
 
 def select_device(gpu_id: int | None) -> torch.device:
@@ -88,16 +101,25 @@ def parse_request(item: dict[str, Any]) -> contract.BaseModel:
         raise TaskError(422, "bad_request", f"{where}: {first['msg']}") from None
 
 
+_LESS_WORK = (
+    "ask for less work (fewer samples or steps; APEM: a larger step or fewer max_steps; "
+    "Explanation Filter: fewer filter_params.levels), or build the model's archive with a "
+    "longer --response-timeout"
+)
+
+
 class BeyondHandler:
     """TorchServe's entry object (see ``handlers/ts_entry.py``)."""
 
     def __init__(self) -> None:
         self.runner: TaskRunner | None = None
+        self.time_limit_s = work_time_limit(None)
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
         model_config = getattr(context, "model_yaml_config", None) or {}
         configure_threads(model_config.get("minWorkers"))
+        self.time_limit_s = work_time_limit(model_config.get("responseTimeout"))
         retain_freed_memory()
         device = select_device(properties.get("gpu_id"))
         model, spec = load_model_dir(Path(properties["model_dir"]), device)
@@ -105,6 +127,10 @@ class BeyondHandler:
         log.info("loaded %s (%s) on %s", spec.name, spec.architecture, device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        with time_limit(self.time_limit_s):
+            return self._handle(data, context)
+
+    def _handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         assert self.runner is not None, "initialize() was not called"
         parsed: list[contract.BaseModel | TaskError] = []
         for item in data:
@@ -132,6 +158,8 @@ class BeyondHandler:
             return self.runner.run(request)
         except TaskError as error:
             return error
+        except TimeLimitExceeded as error:
+            return TaskError(422, "time_limit", f"{error}: {_LESS_WORK}")
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return TaskError(503, "out_of_memory", "the accelerator ran out of memory; retry with fewer samples")

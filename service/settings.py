@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     torchserve_token: SecretStr | None = None
     torchserve_connect_timeout_s: float = Field(2.0, gt=0)
     torchserve_timeout_s: float = Field(120.0, gt=0)
+    # a job's calls (one Explanation Filter is one call) may run up to the archives'
+    # responseTimeout (600 s), inside which the handler answers 422 time_limit
+    torchserve_job_timeout_s: float = Field(600.0, gt=0)
     torchserve_max_connections: int = Field(32, ge=1)
     torchserve_retry_after_s: int = Field(2, ge=1)
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_MODELS))

@@ -136,9 +136,9 @@ def _async_transport_error(exc: Exception, retry_after_s: int) -> ApiError:
     return ApiError(503, "model_server_unavailable", "the model server is unreachable")
 
 
-def _timeout(settings: Settings) -> httpx.Timeout:
+def _timeout(settings: Settings, read_s: float) -> httpx.Timeout:
     return httpx.Timeout(
-        settings.torchserve_timeout_s,
+        read_s,
         connect=settings.torchserve_connect_timeout_s,
         pool=settings.torchserve_connect_timeout_s,
     )
@@ -218,14 +218,15 @@ class AsyncTorchServeClient:
 
 
 class SyncTorchServeClient:
-    """Blocking client for the RQ workers (one per job; workers hold no model)."""
+    """Blocking client for the RQ workers (one per job; workers hold no model). Its reads
+    wait ``torchserve_job_timeout_s``: a job's call may be long (a whole Explanation Filter)."""
 
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
         self.settings = settings
         self.tokens = TokenSource.from_settings(settings)
         self._client = httpx.Client(
             base_url=settings.torchserve_url,
-            timeout=_timeout(settings),
+            timeout=_timeout(settings, settings.torchserve_job_timeout_s),
             transport=transport,
             trust_env=False,
         )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handlers.attacks.params import AttackParams, CoreSettings
+from handlers.deadline import check_time
 from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
 from handlers.validation import InvalidParameter, UnknownMethod
@@ -253,6 +254,7 @@ class Attack(ABC):
         rows = torch.arange(x0.shape[0], device=x0.device)
         reference, origin = goal.reference, x0  # those of the rows in the batch
         for t in range(settings.iterations + 1):
+            check_time("the attack")
             final_logits[rows] = logits.detach()
             hit = goal.reached(logits.detach(), reference)
             if compact:  # every row in the batch has not flipped before

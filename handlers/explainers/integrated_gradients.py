@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import Tensor, autograd, nn
 
 from handlers.budget import images_per_pass
+from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_SAMPLES,
     Attribution,
@@ -94,6 +95,7 @@ class IntegratedGradients(Explainer):
         per_pass = max(1, images_per_pass(p.batch_size, images.shape) // batch)
         total = torch.zeros_like(images)
         for start in range(0, p.steps, per_pass):
+            check_time("Integrated Gradients")
             a = alphas[start : start + per_pass].view(-1, 1, 1, 1, 1)
             w = weights[start : start + per_pass].view(-1, 1, 1, 1, 1)
             points = (baseline + a * delta).flatten(0, 1).requires_grad_(True)

@@ -12,6 +12,7 @@ from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
 from handlers.budget import MAX_BATCH_SIZE, images_per_pass
+from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_LIME_SAMPLES,
     Attribution,
@@ -190,6 +191,7 @@ class Lime(Explainer):
         samples = samples.to(image.device).bool()
         scores = []
         for part in chunks(len(samples), images_per_pass(self.params.batch_size, image.shape)):
+            check_time("LIME")
             masks = samples[part][:, segments].unsqueeze(-1)  # (b, H, W, 1): pixel shown?
             batch = torch.where(masks, shown, hidden).permute(0, 3, 1, 2)
             logits = normalized_logits(model, batch)

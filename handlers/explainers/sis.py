@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, autograd, nn
 
 from handlers.budget import images_per_pass
+from handlers.deadline import check_time
 from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
 from handlers.metrics.params import SisParams
 from handlers.models.derived import fused_classifier, inference_logits
@@ -103,6 +104,7 @@ class SufficientInputSubset(Explainer):
         order = torch.empty(batch, pixels, dtype=torch.long, device=images.device)
         confidence, removed = [], 0
         for size in removal_sizes(pixels, self.params.step_fraction):
+            check_time("SIS")
             mask = shown.view(batch, 1, height, width).to(images.dtype).requires_grad_(True)
             odds = log_odds(model(show(images, fill, mask)), targets)
             (gradient,) = autograd.grad(odds.sum(), mask)

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from handlers.budget import images_per_pass
+from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_PASSES,
     MAX_SAMPLES,
@@ -129,6 +130,7 @@ class SmoothGrad(Explainer):
         copies_per_pass = max(1, images_per_pass(p.batch_size, images.shape) // batch)
         total = torch.zeros_like(images)
         for start in range(0, p.n, copies_per_pass):
+            check_time("SmoothGrad")
             m = min(copies_per_pass, p.n - start)
             noisy = (images.unsqueeze(0) + std * noise.take(m)).flatten(0, 1)
             part = self.inner.attribute(model, noisy, targets.repeat(m))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from handlers.budget import images_per_pass
+from handlers.deadline import check_time
 from handlers.explainers.gradcam import split_model
 from handlers.explainers.neural_features import activation_maps, neural_features
 from handlers.models.derived import inference_features, inference_logits
@@ -118,6 +119,7 @@ def _predictions(model: nn.Module, images: Tensor, masks: Tensor, sigmas: list[f
     per_pass = max(1, images_per_pass(256, images.shape) // n)
     out = torch.empty(m, len(sigmas), n, dtype=torch.long)
     for start in range(0, len(jobs), per_pass):
+        check_time("the noise sensitivity scan")
         chunk = jobs[start : start + per_pass]
         batch = torch.cat([gaussian_corruption(images, masks[j], sigmas[s], noise) for j, s in chunk])
         predicted = inference_logits(model, batch).argmax(dim=1).view(len(chunk), n).cpu()

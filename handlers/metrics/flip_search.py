@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from handlers.budget import images_per_pass
+from handlers.deadline import check_time
 from handlers.metrics.line_bounds import LineBounds, line_bounds
 from handlers.metrics.params import Grid
 from handlers.models.derived import inference_logits, inference_parts
@@ -120,6 +121,7 @@ class FlipProblem:
         per_pass = max(1, self.batch_size // self.members)
         device = self.images.device
         for start in range(0, units.numel(), per_pass):
+            check_time("the APEM flip search")
             u = units[start : start + per_pass].to(device)
             k = ks[start : start + per_pass].to(device)
             eps = (k.to(self.images.dtype) * step).view(-1, 1, 1, 1, 1)
@@ -159,6 +161,7 @@ class FlipProblem:
         per_pass = self.segments_per_pass
         device, members = self.images.device, self.members
         for start in range(0, units.numel(), per_pass):
+            check_time("the APEM flip search")
             u = units[start : start + per_pass].to(device)
             k, n = ks[start : start + per_pass].to(device), lengths[start : start + per_pass].to(device)
             half = (n - 1).to(self.images.dtype) * (step / 2)

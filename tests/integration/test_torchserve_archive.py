@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import time
 
 import httpx
 import pytest
@@ -109,3 +110,50 @@ def test_torchserve_is_closed(torchserve: TorchServeProcess) -> None:
     register = httpx.post(f"{torchserve.management_url}/models?url=http://example.invalid/x.mar", headers=management, timeout=30)
     assert register.status_code >= 400
     assert "127.0.0.1" in torchserve.inference_url and "127.0.0.1" in torchserve.management_url
+
+
+
+@pytest.fixture(scope="module")
+def short_timeout_torchserve(tmp_path_factory: pytest.TempPathFactory):
+    """A random-weight model archived with an 8 s ``responseTimeout``: 3 s of work per call."""
+    from handlers.spec import ModelSpec, Preprocessing
+    from model_store.build import archive, model_config
+
+    model_dir = tmp_path_factory.mktemp("model") / "short-timeout"
+    model_dir.mkdir()
+    spec = ModelSpec(
+        name="short-timeout", architecture="shapes_resnet", num_classes=6, random_weights=True,
+        preprocessing=Preprocessing(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        labels=[f"class_{i}" for i in range(6)],
+    )
+    (model_dir / "model_spec.json").write_text(spec.model_dump_json())
+    store = tmp_path_factory.mktemp("store")
+    archive(model_dir, store, model_config(minWorkers=1, maxWorkers=1, batchSize=1, responseTimeout=8))
+    server = TorchServeProcess(store, ["short-timeout.mar"], tmp_path_factory.mktemp("ts"), *_free_ports(3))
+    server.start(timeout=240)
+    yield server
+    server.stop()
+
+
+def test_work_past_the_response_timeout_is_refused_and_the_worker_keeps_serving(
+    short_timeout_torchserve: TorchServeProcess, shapes_split
+) -> None:
+    """Without the handler's limit TorchServe would kill the worker at 8 s (and fail the call
+    with a 5xx); with it the call is a 422 naming what to change and the worker answers on."""
+    server = short_timeout_torchserve
+    headers = {"Authorization": f"Bearer {server.inference_token()}"}
+    url = f"{server.inference_url}/predictions/short-timeout"
+    image = _png_b64(shapes_split("spurious", "test").images[0])
+    never_flips = {"step": 1e-9, "max_steps": 100_000, "search": "sequential"}  # 200,000 passes
+    start = time.monotonic()
+    slow = httpx.post(
+        url, json={"task": "apem", "image": image, "method": "gradient", "apem_params": never_flips},
+        headers=headers, timeout=60,
+    )
+    elapsed = time.monotonic() - start
+    assert slow.status_code == 422, slow.text
+    error = slow.json()["error"]
+    assert error["code"] == "time_limit" and "3 s per call" in error["message"] and "max_steps" in error["message"]
+    assert 3.0 <= elapsed < 8.0
+    quick = httpx.post(url, json={"task": "predict", "image": image}, headers=headers, timeout=30)
+    assert quick.status_code == 200 and len(quick.json()["predictions"]) >= 1
