@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CONTRACT_VERSION = 1
 
+TIME_LIMIT_HEADER = "X-Beyond-Time-Limit"
+"""Request header: the seconds the caller waits for this call's answer. The handler stops
+the work a little sooner (422 ``time_limit``) rather than compute for nobody."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

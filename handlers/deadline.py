@@ -52,4 +52,4 @@ def check_time(work: str) -> None:
     """Raise :class:`TimeLimitExceeded` naming ``work`` if the current limit has passed."""
     limit = _LIMIT.get()
     if limit is not None and time.monotonic() > limit.deadline:
-        raise TimeLimitExceeded(f"{work} did not finish within this model server's limit of {limit.seconds:g} s per call")
+        raise TimeLimitExceeded(f"{work} did not finish within the {limit.seconds:g} s this call may work")

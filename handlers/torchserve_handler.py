@@ -7,13 +7,15 @@ one after another. Requests are JSON or binary frames (``handlers.frames``); eve
 is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without affecting
 the rest of the batch. A batch runs under :func:`~handlers.deadline.time_limit`, a little
 shorter than the model's ``responseTimeout``, so that a request asking for too much work is
-answered 422 ``time_limit`` instead of TorchServe killing the worker.
+answered 422 ``time_limit`` instead of TorchServe killing the worker; a request whose caller
+says how long it waits (``X-Beyond-Time-Limit``) stops a little before that.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,25 @@ def work_time_limit(response_timeout_s: float | None) -> float:
     for decoding, encoding and a model pass already under way when the limit passes."""
     timeout = float(response_timeout_s or TORCHSERVE_RESPONSE_TIMEOUT_S)
     return max(1.0, timeout - min(60.0, max(5.0, timeout / 10)))
+
+
+def caller_time_limit(context: Any, index: int) -> float | None:
+    """Seconds request ``index`` may work for its caller: its ``X-Beyond-Time-Limit`` less a
+    twentieth (at least 2 s); ``None`` without a readable header. The caller's wait also
+    covers TorchServe's queue, which the handler does not see, so this is an upper bound."""
+    try:
+        headers = context.get_all_request_header(index) or {}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    wanted = contract.TIME_LIMIT_HEADER.lower()
+    value = next((v for k, v in headers.items() if str(k).lower() == wanted), None)
+    try:
+        seconds = float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return max(0.5, seconds - max(2.0, seconds / 20))
 
 
 def select_device(gpu_id: int | None) -> torch.device:
@@ -102,6 +123,7 @@ def parse_request(item: dict[str, Any]) -> contract.BaseModel:
 
 
 _LESS_WORK = (
+    "the model's responseTimeout, or the caller's X-Beyond-Time-Limit, less a margin; "
     "ask for less work (fewer samples or steps; APEM: a larger step or fewer max_steps; "
     "Explanation Filter: fewer filter_params.levels), or build the model's archive with a "
     "longer --response-timeout"
@@ -148,8 +170,11 @@ class BeyondHandler:
             for i, result in zip(predict_at, batch, strict=True):
                 replies[i] = result
         for i, request in enumerate(parsed):
-            if replies[i] is None:
-                replies[i] = request if isinstance(request, TaskError) else self._run_one(request)
+            if replies[i] is None and isinstance(request, TaskError):
+                replies[i] = request
+            elif replies[i] is None:
+                with time_limit(caller_time_limit(context, i)):  # within the batch's limit
+                    replies[i] = self._run_one(request)
         return [self._encode(context, i, reply) for i, reply in enumerate(replies)]
 
     def _run_one(self, request: contract.BaseModel) -> contract.BaseModel | TaskError:

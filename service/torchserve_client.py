@@ -26,7 +26,7 @@ import aiohttp
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from handlers.contract import DescribeRequest, DescribeResult, ErrorBody
+from handlers.contract import TIME_LIMIT_HEADER, DescribeRequest, DescribeResult, ErrorBody
 from handlers.frames import encode_request
 from service.errors import ApiError
 from service.settings import Settings
@@ -180,7 +180,8 @@ class AsyncTorchServeClient:
         self, model: str, request: BaseModel, result_model: type[R], timeout: float | None = None
     ) -> R:
         body, content_type = encode_request(request)
-        headers = {"Content-Type": content_type, **self.tokens.headers()}
+        waits = timeout or self.settings.torchserve_timeout_s
+        headers = {"Content-Type": content_type, TIME_LIMIT_HEADER: f"{waits:g}", **self.tokens.headers()}
         extra = {} if timeout is None else {"timeout": _async_timeout(self.settings, timeout)}
         retry_after_s = self.settings.torchserve_retry_after_s
         try:
@@ -245,7 +246,11 @@ class SyncTorchServeClient:
         body, content_type = encode_request(request)
         delay = 1.0
         for attempt in range(attempts):
-            headers = {"Content-Type": content_type, **self.tokens.headers()}
+            headers = {
+                "Content-Type": content_type,
+                TIME_LIMIT_HEADER: f"{self.settings.torchserve_job_timeout_s:g}",
+                **self.tokens.headers(),
+            }
             try:
                 response = self._client.post(_model_path(model), content=body, headers=headers)
                 return map_reply(

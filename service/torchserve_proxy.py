@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from handlers.contract import TIME_LIMIT_HEADER
 from service.settings import Settings, get_settings
 from service.torchserve_client import TokenSource
 from service.torchserve_process import MAX_MESSAGE_MB
@@ -96,9 +97,8 @@ class TorchServeProxy:
         self._retry_after = settings.torchserve_retry_after_s
         self._max_body = max_body_bytes
         # the caller (gateway or worker) times out first and answers its own 504
-        timeout = httpx.Timeout(
-            settings.torchserve_timeout_s + 5, connect=settings.torchserve_connect_timeout_s
-        )
+        waits = max(settings.torchserve_timeout_s, settings.torchserve_job_timeout_s)
+        timeout = httpx.Timeout(waits + 5, connect=settings.torchserve_connect_timeout_s)
         limits = httpx.Limits(
             max_connections=settings.torchserve_max_connections,
             max_keepalive_connections=settings.torchserve_max_connections,
@@ -162,8 +162,9 @@ class TorchServeProxy:
             body = await _read_body(request, self._max_body)
         except BodyTooLarge:
             return _error(413, "RequestEntityTooLarge", "request body too large")
-        if "content-type" in request.headers:
-            headers["Content-Type"] = request.headers["content-type"]
+        for name in ("content-type", TIME_LIMIT_HEADER.lower()):
+            if name in request.headers:
+                headers[name] = request.headers[name]
         upstream = self.client.build_request("POST", path, content=body, headers=headers)
         return await self._forward(upstream)
 

@@ -90,6 +90,17 @@ def test_prediction_is_forwarded_with_the_pod_local_token(client, upstream) -> N
     assert seen.headers["authorization"] == f"Bearer {LOCAL}"
     assert seen.headers["content-type"] == "application/json"
     assert SHARED not in str(seen.headers)
+    assert "x-beyond-time-limit" not in seen.headers
+
+
+def test_the_caller_s_time_limit_is_forwarded_and_outwaited(client, upstream) -> None:
+    """The handler stops before the caller's wait; the proxy waits for the longest caller."""
+    headers = {**auth(), "X-Beyond-Time-Limit": "600", "X-Other": "dropped"}
+    assert client.post("/predictions/shapes-resnet", content=b"{}", headers=headers).status_code == 200
+    (seen,) = upstream.seen
+    assert seen.headers["x-beyond-time-limit"] == "600" and "x-other" not in seen.headers
+    proxy = client.app.state.proxy
+    assert proxy.client.timeout.read == Settings().torchserve_job_timeout_s + 5
 
 
 @pytest.mark.parametrize(

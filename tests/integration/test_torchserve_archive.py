@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from handlers.contract import PredictRequest, RawImage
+from handlers.contract import TIME_LIMIT_HEADER, PredictRequest, RawImage
 from handlers.frames import encode_request
 from service.torchserve_process import TorchServeProcess
 
@@ -153,7 +153,15 @@ def test_work_past_the_response_timeout_is_refused_and_the_worker_keeps_serving(
     elapsed = time.monotonic() - start
     assert slow.status_code == 422, slow.text
     error = slow.json()["error"]
-    assert error["code"] == "time_limit" and "3 s per call" in error["message"] and "max_steps" in error["message"]
+    assert error["code"] == "time_limit" and "3 s this call may work" in error["message"] and "max_steps" in error["message"]
     assert 3.0 <= elapsed < 8.0
     quick = httpx.post(url, json={"task": "predict", "image": image}, headers=headers, timeout=30)
     assert quick.status_code == 200 and len(quick.json()["predictions"]) >= 1
+    # a caller that waits 3 s (TorchServe passes the header on): 1 s of work
+    start = time.monotonic()
+    impatient = httpx.post(
+        url, json={"task": "apem", "image": image, "method": "gradient", "apem_params": never_flips},
+        headers={**headers, TIME_LIMIT_HEADER: "3"}, timeout=60,
+    )
+    assert impatient.status_code == 422 and "1 s this call may work" in impatient.json()["error"]["message"]
+    assert 1.0 <= time.monotonic() - start < 3.0

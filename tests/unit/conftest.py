@@ -74,6 +74,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
     fake_torchserve.State.mode = "ok"
     fake_torchserve.State.requests.clear()
     fake_torchserve.State.images.clear()
+    fake_torchserve.State.time_limits.clear()
     with TestClient(
         create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}
     ) as test_client:

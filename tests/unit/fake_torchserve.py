@@ -45,6 +45,7 @@ class State:
     mode = "ok"
     requests: list[dict[str, Any]] = []
     images: list[c.RawImage] = []  # the raw images received, pixels included
+    time_limits: list[str | None] = []  # each request's X-Beyond-Time-Limit
     release = threading.Event()
     waiting = 0
 
@@ -249,6 +250,7 @@ async def predictions(request: Request) -> JSONResponse:
     except (ValidationError, FrameError) as exc:
         return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)[:100]}}, 400)
     State.requests.append(req.model_dump())
+    State.time_limits.append(request.headers.get(c.TIME_LIMIT_HEADER))
     if State.mode == "held" and req.task != "describe":
         State.waiting += 1
         while not State.release.is_set():

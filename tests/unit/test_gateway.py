@@ -267,6 +267,18 @@ def test_torchserve_errors_mapped(client: TestClient) -> None:
     assert client.post(url, files=files()).status_code == 200
 
 
+def test_calls_tell_torchserve_how_long_their_caller_waits(client: TestClient, settings) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's read timeout travels as X-Beyond-Time-Limit (the handler stops its work
+    before it); a job's call says the jobs' longer wait."""
+    from service.torchserve_client import SyncTorchServeClient
+
+    assert client.post("/v1/models/shapes-resnet/predict", files=files()).status_code == 200
+    assert fake_torchserve.State.time_limits[-1] == f"{settings.torchserve_timeout_s:g}" == "2"
+    with SyncTorchServeClient(settings) as jobs_client:
+        jobs_client.describe("shapes-resnet")
+    assert fake_torchserve.State.time_limits[-1] == f"{settings.torchserve_job_timeout_s:g}" == "600"
+
+
 def test_torchserve_down(settings, redis_server) -> None:  # type: ignore[no-untyped-def]
     from service.gateway.app import create_app
     from service.stack import free_port
