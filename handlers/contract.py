@@ -169,12 +169,15 @@ class RobustnessRequest(_Strict):
 
 
 class FilterRequest(_Strict):
-    """Explanation Filter (thesis 003, Algorithm 2) on one image's explanation."""
+    """Explanation Filter (thesis 003, Algorithm 2) on one image's explanation, or on a given
+    [0, 1] map: the filter job resumes a filter that ran out of time with the map it reached
+    (``stop="time_limit"``) and the same ``target``."""
 
     task: Literal["filter"] = "filter"
     image: ImageData
-    method: str
+    method: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    relevance: EncodedArray | None = None
     target: int | None = None
     apem_params: dict[str, Any] = Field(default_factory=dict)
     filter_params: dict[str, Any] = Field(
@@ -380,7 +383,7 @@ class SufficientSubsetsResult(_Result):
 
 
 class FilterResult(_Result):
-    method: str
+    method: str | None
     params: dict[str, Any]
     target: int
     filtered: EncodedArray
@@ -391,8 +394,9 @@ class FilterResult(_Result):
     fraction_kept: float
     values_removed: int = 0
     candidates_scored: int = 0
-    stop: str = ""
+    stop: str = Field("", description="apem_dropped, map_exhausted, or time_limit: the call ran out of time and `filtered` is where Algorithm 2 had got to")
     approximate: bool = False
+    distinct_values: int = 0
     filter_params: dict[str, Any] = Field(default_factory=dict)
 
 

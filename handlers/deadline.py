@@ -53,3 +53,10 @@ def check_time(work: str) -> None:
     limit = _LIMIT.get()
     if limit is not None and time.monotonic() > limit.deadline:
         raise TimeLimitExceeded(f"{work} did not finish within the {limit.seconds:g} s this call may work")
+
+
+def time_left() -> float | None:
+    """Seconds until the current limit (negative once past it); ``None`` without a limit.
+    For work that can stop early with a partial result instead of failing."""
+    limit = _LIMIT.get()
+    return None if limit is None else limit.deadline - time.monotonic()

@@ -326,9 +326,19 @@ class TaskRunner:
     def apem(self, request: contract.ApemRequest) -> contract.ApemResult:
         start = time.perf_counter()
         x = self.tensor(request.image)
+        apem_params = checked(ApemParams, request.apem_params)
+        score_map, target, method_params = self._stage_map(x, request)
+        score = self._score(x, score_map, target, apem_params)
+        return contract.ApemResult(method=request.method, method_params=method_params, target=target,
+                                   **score.model_dump(), **self._stamp(start))
+
+    def _stage_map(
+        self, x: torch.Tensor, request: contract.ApemRequest | contract.FilterRequest
+    ) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """The ``(1, C, S, S)`` [0, 1] map a request scores (its method's stage-2 explanation
+        or its own ``relevance``), the explained class and the method's parameters."""
         if (request.method is None) == (request.relevance is None):
             raise TaskError(422, "bad_request", "give either an explanation method or a relevance map")
-        apem_params = checked(ApemParams, request.apem_params)
         if request.relevance is not None:
             size = self.spec.preprocessing.crop
             with refusals():
@@ -348,9 +358,7 @@ class TaskRunner:
             target = int(explanation.targets[0])
             score_map = visualization.to_stage(explanation.relevance, x, 2)
             method_params = explanation.params
-        score = self._score(x, score_map, target, apem_params)
-        return contract.ApemResult(method=request.method, method_params=method_params, target=target,
-                                   **score.model_dump(), **self._stamp(start))
+        return score_map, target, method_params
 
     def apem_set(self, request: contract.ApemSetRequest) -> contract.ApemSetResult:
         """APEM of many images' stage-2 explanations of their predictions, with their losses
@@ -475,15 +483,15 @@ class TaskRunner:
         x = self.tensor(request.image)
         apem_params = checked(ApemParams, request.apem_params)
         filter_params = checked(FilterParams, {"levels": 256, **request.filter_params})
-        explanation = self._explanation(x, request.method, request.params, request.target)
-        target = int(explanation.targets[0])
-        stage_map = visualization.to_stage(explanation.relevance, x, 2)[0]
+        stage_map, target, method_params = self._stage_map(x, request)
         with refusals():
-            outcome = explanation_filter(self.model, x[0], stage_map, target, apem_params, filter_params)
+            outcome = explanation_filter(self.model, x[0], stage_map[0], target, apem_params, filter_params)
+        image = x[0].cpu()
         return contract.FilterResult(
-            method=request.method, params=explanation.params, target=target,
+            method=request.method, params=method_params, target=target,
             filtered=encode_array(outcome.filtered.cpu().numpy()),
-            **self._pictures({"heatmap_png", "overlay_png"}, explanation, outcome.filtered, x[0].cpu(), "inferno"),
+            heatmap_png=png_b64(visualization.heatmap_png(outcome.filtered, "inferno")),
+            overlay_png=png_b64(visualization.overlay_png(outcome.filtered, image, "inferno")),
             filter_params=filter_params.model_dump(),
             **outcome.summary(), **self._stamp(start),
         )

@@ -11,10 +11,17 @@ values zeroed (what the literal loop holds after ``t`` iterations), and the ``2T
 APEM is below its predecessor's ends the filter, as in the literal loop; batches grow
 while no drop is found. :func:`explanation_filter_literal` is Algorithm 2 line by line, the
 reference the tests compare against.
+
+Under a :func:`~handlers.deadline.time_limit` the filter stops between batches when the next
+one would not fit, and returns the map it has reached (``stop="time_limit"``): the state of
+Algorithm 2 after that many iterations, so filtering that map again continues the same run
+to the same result (the filter job does so, one model-server call after another).
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +31,7 @@ from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
 from handlers.budget import images_per_pass
+from handlers.deadline import time_left
 from handlers.metrics.apem import (
     ApemParams,
     apem,
@@ -35,6 +43,8 @@ from handlers.metrics.apem import (
 from handlers.metrics.flip_search import NOT_FOUND, SEARCHES, FlipProblem, SearchStats
 from handlers.metrics.params import FilterParams
 from handlers.validation import parse_params
+
+Stop = Literal["apem_dropped", "map_exhausted", "time_limit"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,10 @@ class FilterOutcome:
         fraction_kept: non-zero values of ``filtered`` over non-zero values of the input.
         values_removed: distinct values zeroed (iterations of Algorithm 2 kept).
         candidates_scored: candidate maps whose APEM was computed.
-        stop: ``"apem_dropped"`` or ``"map_exhausted"`` (no positive value left).
+        stop: ``"apem_dropped"``, ``"map_exhausted"`` (no positive value left) or
+            ``"time_limit"`` (the call's time ran out: ``filtered`` is where Algorithm 2 had
+            got to, and filtering it again goes on from there).
+        distinct_values: distinct positive values of the input map (after quantisation).
         stats: forward passes and evaluations of the APEM searches.
         approximate: whether the APEM searches were approximate.
     """
@@ -59,9 +72,10 @@ class FilterOutcome:
     fraction_kept: float
     values_removed: int
     candidates_scored: int
-    stop: Literal["apem_dropped", "map_exhausted"]
+    stop: Stop
     stats: SearchStats
     approximate: bool
+    distinct_values: int
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly fields of the contract's ``FilterResult`` (without the map)."""
@@ -73,6 +87,7 @@ class FilterOutcome:
             "candidates_scored": self.candidates_scored,
             "stop": self.stop,
             "approximate": self.approximate,
+            "distinct_values": self.distinct_values,
         }
 
 
@@ -143,11 +158,17 @@ def explanation_filter(
         original = check_relevance(relevance.unsqueeze(0), x)[0]
         current = quantise(original, fp.levels)
         values = torch.unique(current[current > 0])  # ascending: candidate t zeroes values[:t]
+        began = time.monotonic()
         scorer = _CandidateScorer(model, x, target, ap)
         best_apem = float(scorer.score(current.unsqueeze(0))[0])
         most = images_per_pass(fp.max_candidates_per_batch, x.shape)  # three maps' worth each
         before, start, size, scored = best_apem, 0, min(fp.candidates_per_batch, most), 1
+        finish = functools.partial(_outcome, original, before=before, distinct=values.numel(), scorer=scorer, params=ap)
         while start < values.numel():
+            fits = _candidates_that_fit((time.monotonic() - began) / scored)
+            if fits == 0 and start > 0:  # the time is up: return the state reached so far
+                return finish(current.reshape(relevance.shape), best_apem, start, scored, "time_limit")
+            size = max(1, min(size, fits))
             thresholds = values[start : start + size]
             maps = torch.where(current.unsqueeze(0) <= thresholds.view(-1, 1, 1, 1), 0.0, current)
             scores = scorer.score(maps)
@@ -159,21 +180,30 @@ def explanation_filter(
                 current = maps[kept - 1]
                 start += kept
             if drops.size:
-                result = current.reshape(relevance.shape)
-                return _outcome(original, result, before, best_apem, start, scored, "apem_dropped", scorer, ap)
+                return finish(current.reshape(relevance.shape), best_apem, start, scored, "apem_dropped")
             size = min(2 * size, most)
-    result = current.reshape(relevance.shape)
-    return _outcome(original, result, before, best_apem, start, scored, "map_exhausted", scorer, ap)
+    return finish(current.reshape(relevance.shape), best_apem, start, scored, "map_exhausted")
+
+
+def _candidates_that_fit(seconds_per_candidate: float) -> int:
+    """Candidates the current time limit leaves room for (with a fifth to spare); a large
+    number without a limit."""
+    left = time_left()
+    if left is None:
+        return 1 << 30
+    return max(0, int(0.8 * left / max(seconds_per_candidate, 1e-9)))
 
 
 def _outcome(
     original: torch.Tensor,
     filtered: torch.Tensor,
-    before: float,
     after: float,
     removed: int,
     scored: int,
-    stop: Literal["apem_dropped", "map_exhausted"],
+    stop: Stop,
+    *,
+    before: float,
+    distinct: int,
     scorer: _CandidateScorer,
     params: ApemParams,
 ) -> FilterOutcome:
@@ -187,6 +217,7 @@ def _outcome(
         stop=stop,
         stats=scorer.stats,
         approximate=SEARCHES[params.search].approximate,
+        distinct_values=distinct,
     )
 
 
@@ -206,6 +237,7 @@ def explanation_filter_literal(
     ap = parse_params(ApemParams, apem_params)
     targets = None if target is None else torch.tensor([target])
     relevance_map = quantise(relevance, levels)
+    distinct = int(torch.unique(relevance_map[relevance_map > 0]).numel())
     stats = SearchStats()
 
     def score(r: torch.Tensor) -> float:
@@ -218,7 +250,7 @@ def explanation_filter_literal(
     while True:  # lines 3-9
         best_map, best_apem = relevance_map, current_apem  # lines 4-5
         if not (best_map > 0).any():
-            stop: Literal["apem_dropped", "map_exhausted"] = "map_exhausted"
+            stop: Stop = "map_exhausted"
             break
         min_val = best_map[best_map > 0].min()  # line 6
         relevance_map = torch.where(best_map == min_val, 0.0, best_map)  # line 7
@@ -237,4 +269,5 @@ def explanation_filter_literal(
         stop=stop,
         stats=stats,
         approximate=SEARCHES[ap.search].approximate,
+        distinct_values=distinct,
     )

@@ -361,9 +361,12 @@ class CriticismResult(_Out):
 
 
 class FilterJobResult(FilterResult):
-    """The filter job's result: TorchServe's ``FilterResult`` (thesis 003, Algorithm 2)."""
+    """The filter job's result: TorchServe's ``FilterResult`` (thesis 003, Algorithm 2). A
+    filter that outlasts one model-server call goes on in the next from the map it reached;
+    the counts and ``fraction_kept`` cover all ``calls``, ``apem_before`` is the input map's."""
 
     type: Literal["filter"] = "filter"
+    calls: int = Field(1, description="model-server calls the filter took")
 
 
 class ApemItem(_Out):

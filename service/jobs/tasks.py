@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -220,6 +221,9 @@ def _criticism(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _filter(spec: dict[str, Any]) -> dict[str, Any]:
+    """One filter call, or as many as it takes: a call that runs out of the model server's
+    time returns the map Algorithm 2 had reached (``stop="time_limit"``, after at least one
+    candidate), and the next call filters that map with the same target."""
     start = time.perf_counter()
     settings = get_settings()
     set_progress(0.0)
@@ -231,12 +235,32 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
         apem_params=spec.get("apem_params", {}),
         filter_params=spec.get("filter_params", {}),
     )
+    calls: list[FilterResult] = []
     with SyncTorchServeClient(settings) as client:
-        result = client.call(spec["model"], request, FilterResult)
+        while True:
+            calls.append(client.call(spec["model"], request, FilterResult))
+            if calls[-1].stop != "time_limit":
+                break
+            removed = sum(call.values_removed for call in calls)
+            set_progress(min(0.99, removed / max(1, calls[0].distinct_values)))
+            request = request.model_copy(
+                update={"method": None, "params": {}, "relevance": calls[-1].filtered, "target": calls[-1].target}
+            )
     set_progress(1.0)
-    out = result.model_dump(mode="json")
-    out["type"] = "filter"
-    out["elapsed_ms"] = _elapsed_ms(start)
+    first, last = calls[0], calls[-1]
+    out = last.model_dump(mode="json")
+    out.update(
+        type="filter",
+        method=first.method,
+        params=first.params,
+        apem_before=first.apem_before,
+        values_removed=sum(call.values_removed for call in calls),
+        candidates_scored=sum(call.candidates_scored for call in calls),
+        fraction_kept=math.prod(call.fraction_kept for call in calls),
+        distinct_values=first.distinct_values,
+        calls=len(calls),
+        elapsed_ms=_elapsed_ms(start),
+    )
     return out
 
 

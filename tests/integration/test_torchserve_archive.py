@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import socket
 import time
 
@@ -115,18 +116,19 @@ def test_torchserve_is_closed(torchserve: TorchServeProcess) -> None:
 
 @pytest.fixture(scope="module")
 def short_timeout_torchserve(tmp_path_factory: pytest.TempPathFactory):
-    """A random-weight model archived with an 8 s ``responseTimeout``: 3 s of work per call."""
-    from handlers.spec import ModelSpec, Preprocessing
-    from model_store.build import archive, model_config
+    """The demo shapes-resnet archived with an 8 s ``responseTimeout``: 3 s of work per call."""
+    from handlers.models.classifier import SPEC_FILE, WEIGHTS_FILE
+    from handlers.spec import ModelSpec
+    from model_store import paths
+    from model_store.build import archive, ensure_demo_archives, model_config
 
+    ensure_demo_archives()  # trains the demo models if needed
+    demo = paths.WEIGHTS_DIR / "shapes-resnet"
     model_dir = tmp_path_factory.mktemp("model") / "short-timeout"
     model_dir.mkdir()
-    spec = ModelSpec(
-        name="short-timeout", architecture="shapes_resnet", num_classes=6, random_weights=True,
-        preprocessing=Preprocessing(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        labels=[f"class_{i}" for i in range(6)],
-    )
-    (model_dir / "model_spec.json").write_text(spec.model_dump_json())
+    spec = ModelSpec.model_validate_json((demo / SPEC_FILE).read_text()).model_copy(update={"name": "short-timeout"})
+    (model_dir / SPEC_FILE).write_text(spec.model_dump_json())
+    shutil.copy(demo / WEIGHTS_FILE, model_dir / WEIGHTS_FILE)
     store = tmp_path_factory.mktemp("store")
     archive(model_dir, store, model_config(minWorkers=1, maxWorkers=1, batchSize=1, responseTimeout=8))
     server = TorchServeProcess(store, ["short-timeout.mar"], tmp_path_factory.mktemp("ts"), *_free_ports(3))
@@ -165,3 +167,28 @@ def test_work_past_the_response_timeout_is_refused_and_the_worker_keeps_serving(
     )
     assert impatient.status_code == 422 and "1 s this call may work" in impatient.json()["error"]["message"]
     assert 1.0 <= time.monotonic() - start < 3.0
+
+
+def test_a_filter_out_of_time_returns_the_map_it_reached_and_goes_on_from_it(
+    short_timeout_torchserve: TorchServeProcess, shapes_split
+) -> None:
+    """Every distinct value of a 64x64 map takes minutes; in 3 s of work the handler returns
+    the state Algorithm 2 had reached, and a call with that map continues it."""
+    server = short_timeout_torchserve
+    headers = {"Authorization": f"Bearer {server.inference_token()}"}
+    url = f"{server.inference_url}/predictions/short-timeout"
+    image = _png_b64(shapes_split("spurious", "test").images[0])
+    common = {"task": "filter", "image": image, "filter_params": {"levels": None}}
+    start = time.monotonic()
+    first = httpx.post(url, json={**common, "method": "gradient"}, headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    assert time.monotonic() - start < 8.0
+    reached = first.json()
+    assert reached["stop"] == "time_limit" and reached["values_removed"] >= 1
+    assert reached["distinct_values"] > reached["values_removed"] and reached["apem_after"] >= reached["apem_before"]
+    resumed = httpx.post(
+        url, json={**common, "relevance": reached["filtered"], "target": reached["target"]}, headers=headers, timeout=60
+    )
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["apem_before"] == reached["apem_after"]  # the same state, scored again
+    assert resumed.json()["distinct_values"] == reached["distinct_values"] - reached["values_removed"]

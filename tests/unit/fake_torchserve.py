@@ -46,6 +46,7 @@ class State:
     requests: list[dict[str, Any]] = []
     images: list[c.RawImage] = []  # the raw images received, pixels included
     time_limits: list[str | None] = []  # each request's X-Beyond-Time-Limit
+    filter_calls_out_of_time = 0  # filter calls that answer stop="time_limit" (a partial map)
     release = threading.Event()
     waiting = 0
 
@@ -217,15 +218,21 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "adversarial_predictions": [1] * n,
         }
     if req.task == "filter":
+        partial = State.filter_calls_out_of_time > 0
+        State.filter_calls_out_of_time -= partial
         return {
             **base,
             "method": req.method,
             "params": req.params,
-            "target": 0,
-            "filtered": _arr(np.ones((3, 8, 8))),
-            "apem_before": 0.2,
+            "target": 0 if req.target is None else req.target,
+            "filtered": _arr(np.full((3, 8, 8), 0.25 * (1 + State.filter_calls_out_of_time))),
+            "apem_before": 0.2 if req.relevance is None else 0.25,
             "apem_after": 0.3,
             "fraction_kept": 0.5,
+            "values_removed": 2,
+            "candidates_scored": 3,
+            "distinct_values": 8 if req.relevance is None else 6,
+            "stop": "time_limit" if partial else "apem_dropped",
         }
     raise AssertionError(req.task)
 

@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
+from handlers.arrays import decode_array
+from handlers.contract import EncodedArray
 from service.jobs.worker import build_worker
 from service.settings import Settings
 from tests.unit import fake_torchserve
@@ -246,6 +248,32 @@ def test_filter_job_and_failures(
     assert_error(client.get(f"/v1/jobs/{job_id}/result"), 410, "job_expired")
     text = client.get("/metrics").text
     assert 'beyond_job_outcomes_total{outcome="finished",type="filter"}' in text
+
+
+def test_a_filter_out_of_time_goes_on_in_further_calls(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two calls run out of time: each next call filters the map the last one reached, for
+    the same target; the result counts all three calls."""
+    fake_torchserve.State.filter_calls_out_of_time = 2
+    b64 = base64.b64encode(png()).decode()
+    job = {"type": "filter", "model": "shapes-resnet", "method": "gradient", "image": b64, "target": 1,
+           "filter_params": {"levels": 16}}
+    accepted = client.post("/v1/jobs", json=job)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    run_worker(settings, monkeypatch)
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    calls = [r for r in fake_torchserve.State.requests if r["task"] == "filter"]
+    assert len(calls) == 3 and calls[0]["method"] == "gradient" and calls[0]["relevance"] is None
+    for later in (1, 2):
+        assert calls[later]["method"] is None and calls[later]["target"] == 1
+        assert calls[later]["filter_params"] == {"levels": 16} and calls[later]["image"] == calls[0]["image"]
+    sent = [decode_array(EncodedArray(**calls[i]["relevance"])) for i in (1, 2)]
+    assert [float(a.max()) for a in sent] == [0.5, 0.25]  # what calls 1 and 2 had reached
+    assert result["calls"] == 3 and result["stop"] == "apem_dropped" and result["method"] == "gradient"
+    assert result["values_removed"] == 6 and result["candidates_scored"] == 9
+    assert result["apem_before"] == 0.2 and result["fraction_kept"] == 0.125 and result["distinct_values"] == 8
 
 
 def test_result_ttls_are_configured(client: TestClient, settings: Settings, redis: Redis) -> None:

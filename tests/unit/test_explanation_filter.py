@@ -76,3 +76,26 @@ def test_works_under_an_outer_inference_mode() -> None:
     with torch.inference_mode():
         inside = explanation_filter(model, image.clone(), _map(1, 1), apem_params=APEM)
     assert torch.equal(inside.filtered, expected.filtered)
+
+
+def test_a_filter_stopped_by_its_time_limit_resumes_to_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of time after its first batch, the filter returns the map it reached; filtering
+    that map again ends where the uninterrupted run ends (the filter job's resumption)."""
+    from handlers.metrics import explanation_filter as module
+
+    seed = max(range(4), key=lambda s: explanation_filter(tiny_cnn(seed=s), images(1, size=16, seed=s)[0], _map(s, 1), apem_params=APEM).values_removed)
+    model, image, relevance = tiny_cnn(seed=seed), images(1, size=16, seed=seed)[0], _map(seed, 1)
+    params = {"candidates_per_batch": 1}
+    whole = explanation_filter(model, image, relevance, apem_params=APEM, params=params)
+    assert whole.values_removed >= 2 and whole.stop != "time_limit"
+    answers = iter([1e9])  # room for the first batch, then none
+    monkeypatch.setattr(module, "time_left", lambda: next(answers, 0.0))
+    first = explanation_filter(model, image, relevance, apem_params=APEM, params=params)
+    assert first.stop == "time_limit" and first.values_removed == 1
+    assert first.distinct_values == whole.distinct_values
+    monkeypatch.setattr(module, "time_left", lambda: None)
+    rest = explanation_filter(model, image, first.filtered, apem_params=APEM, params=params)
+    assert torch.equal(rest.filtered, whole.filtered) and rest.stop == whole.stop
+    assert rest.apem_before == first.apem_after and rest.apem_after == whole.apem_after
+    assert first.values_removed + rest.values_removed == whole.values_removed
+    assert first.fraction_kept * rest.fraction_kept == pytest.approx(whole.fraction_kept)
