@@ -241,6 +241,8 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
             calls.append(client.call(spec["model"], request, FilterResult))
             if calls[-1].stop != "time_limit":
                 break
+            if calls[-1].values_removed == 0:  # the handler returns only after progress
+                raise _fail("filter: a model-server call made no progress; use fewer filter_params.levels")
             removed = sum(call.values_removed for call in calls)
             set_progress(min(0.99, removed / max(1, calls[0].distinct_values)))
             request = request.model_copy(

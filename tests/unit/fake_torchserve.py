@@ -47,6 +47,7 @@ class State:
     images: list[c.RawImage] = []  # the raw images received, pixels included
     time_limits: list[str | None] = []  # each request's X-Beyond-Time-Limit
     filter_calls_out_of_time = 0  # filter calls that answer stop="time_limit" (a partial map)
+    filter_values_removed = 2  # per filter call
     release = threading.Event()
     waiting = 0
 
@@ -229,7 +230,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             "apem_before": 0.2 if req.relevance is None else 0.25,
             "apem_after": 0.3,
             "fraction_kept": 0.5,
-            "values_removed": 2,
+            "values_removed": State.filter_values_removed,
             "candidates_scored": 3,
             "distinct_values": 8 if req.relevance is None else 6,
             "stop": "time_limit" if partial else "apem_dropped",

@@ -274,6 +274,12 @@ def test_a_filter_out_of_time_goes_on_in_further_calls(
     assert result["calls"] == 3 and result["stop"] == "apem_dropped" and result["method"] == "gradient"
     assert result["values_removed"] == 6 and result["candidates_scored"] == 9
     assert result["apem_before"] == 0.2 and result["fraction_kept"] == 0.125 and result["distinct_values"] == 8
+    # a call out of time without progress would repeat forever: the job fails instead
+    fake_torchserve.State.filter_calls_out_of_time, fake_torchserve.State.filter_values_removed = 1, 0
+    stuck = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{stuck}").json()
+    assert status["status"] == "failed" and "no progress" in status["error"]
 
 
 def test_result_ttls_are_configured(client: TestClient, settings: Settings, redis: Redis) -> None:
