@@ -48,6 +48,7 @@ class State:
     time_limits: list[str | None] = []  # each request's X-Beyond-Time-Limit
     filter_calls_out_of_time = 0  # filter calls that answer stop="time_limit" (a partial map)
     filter_values_removed = 2  # per filter call
+    apem_set_most_images: int | None = None  # larger apem_set calls answer 422 time_limit
     release = threading.Event()
     waiting = 0
 
@@ -263,6 +264,9 @@ async def predictions(request: Request) -> JSONResponse:
         State.waiting += 1
         while not State.release.is_set():
             await asyncio.sleep(0.005)
+    if req.task == "apem_set" and State.apem_set_most_images is not None and len(req.images) > State.apem_set_most_images:
+        message = "the APEM flip search did not finish within the 540 s this call may work: ..."
+        return JSONResponse({"error": {"code": "time_limit", "message": message}}, 422)
     if State.mode == "reject":
         return JSONResponse(
             {"error": {"code": "invalid_params", "message": "sigma must be > 0"}}, 400

@@ -339,6 +339,32 @@ def test_apem_job_scores_a_dataset_and_correlates_with_the_loss(
     assert client.post("/v1/jobs", json={**job, "dataset_id": odd, "class_name": "circle"}).status_code == 202
 
 
+def test_apem_calls_out_of_time_are_split_until_they_fit(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls of more than three images run out of time: the job halves them (8 -> 4 -> 2,
+    5 -> 2 + 3) and scores every image as one unhindered run does, in order; an image
+    that does not fit alone fails the job with the reason."""
+    entries = {f"circle/{i}.png": colored(i) for i in range(1, 14)}
+    dataset = upload(client, make_zip(entries)).json()["dataset_id"]
+    job = {"type": "apem", "model": "shapes-resnet", "dataset_id": dataset, "method": "gradient"}
+    whole = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    fake_torchserve.State.requests.clear()
+    fake_torchserve.State.apem_set_most_images = 3
+    split = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    sizes = [len(r["images"]) for r in fake_torchserve.State.requests if r["task"] == "apem_set"]
+    assert sizes == [8, 4, 2, 2, 4, 2, 2, 5, 2, 3]
+    expected, got = (client.get(f"/v1/jobs/{j}/result").json() for j in (whole, split))
+    assert got["items"] == expected["items"] and got["spearman"] == expected["spearman"]
+    fake_torchserve.State.apem_set_most_images = 0
+    stuck = client.post("/v1/jobs", json=job).json()["job_id"]
+    run_worker(settings, monkeypatch)
+    status = client.get(f"/v1/jobs/{stuck}").json()
+    assert status["status"] == "failed" and status["error"].startswith("time_limit:")
+
+
 def test_the_worker_side_of_jobs_does_not_import_torch() -> None:
     code = (
         "import sys; import service.jobs.tasks, service.jobs.reliability, handlers.metrics.ranking; "
