@@ -289,13 +289,20 @@ class TaskRunner:
         )
 
     @staticmethod
-    def _pictures(outputs: set[str], explanation: Explanation, stage_map: torch.Tensor,
-                  image: torch.Tensor, colormap: str) -> dict[str, str | None]:
+    def _map_pictures(outputs: set[str], stage_map: torch.Tensor, image: torch.Tensor,
+                      colormap: str) -> dict[str, str | None]:
+        """The pictures of a [0, 1] map alone: ``heatmap_png`` and ``overlay_png``."""
         pictures: dict[str, str | None] = {}
         if "heatmap_png" in outputs:
             pictures["heatmap_png"] = png_b64(visualization.heatmap_png(stage_map, colormap))
         if "overlay_png" in outputs:
             pictures["overlay_png"] = png_b64(visualization.overlay_png(stage_map, image, colormap))
+        return pictures
+
+    @classmethod
+    def _pictures(cls, outputs: set[str], explanation: Explanation, stage_map: torch.Tensor,
+                  image: torch.Tensor, colormap: str) -> dict[str, str | None]:
+        pictures = cls._map_pictures(outputs, stage_map, image, colormap)
         segments = explanation.extras.get("segments")
         if segments is not None and outputs & {"attention_png", "path_png"}:
             weights = explanation.extras["weights"][0]
@@ -486,12 +493,10 @@ class TaskRunner:
         stage_map, target, method_params = self._stage_map(x, request)
         with refusals():
             outcome = explanation_filter(self.model, x[0], stage_map[0], target, apem_params, filter_params)
-        image = x[0].cpu()
         return contract.FilterResult(
             method=request.method, params=method_params, target=target,
             filtered=encode_array(outcome.filtered.cpu().numpy()),
-            heatmap_png=png_b64(visualization.heatmap_png(outcome.filtered, "inferno")),
-            overlay_png=png_b64(visualization.overlay_png(outcome.filtered, image, "inferno")),
+            **self._map_pictures({"heatmap_png", "overlay_png"}, outcome.filtered, x[0].cpu(), "inferno"),
             filter_params=filter_params.model_dump(),
             **outcome.summary(), **self._stamp(start),
         )
