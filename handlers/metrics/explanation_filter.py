@@ -12,10 +12,12 @@ APEM is below its predecessor's ends the filter, as in the literal loop; batches
 while no drop is found. :func:`explanation_filter_literal` is Algorithm 2 line by line, the
 reference the tests compare against.
 
-Under a :func:`~handlers.deadline.time_limit` the filter stops between batches when the next
-one would not fit, and returns the map it has reached (``stop="time_limit"``): the state of
-Algorithm 2 after that many iterations, so filtering that map again continues the same run
-to the same result (the filter job does so, one model-server call after another).
+Under a :func:`~handlers.deadline.time_limit` the filter scores the first candidate alone
+(so that a call has progress to show), stops between batches when the next one would not
+fit, and, should a batch outrun the estimate, drops that batch; either way it returns the
+map it has reached (``stop="time_limit"``): the state of Algorithm 2 after that many
+iterations, so filtering that map again continues the same run to the same result (the
+filter job does so, one model-server call after another).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
 from handlers.budget import images_per_pass
-from handlers.deadline import time_left
+from handlers.deadline import TimeLimitExceeded, time_left
 from handlers.metrics.apem import (
     ApemParams,
     apem,
@@ -166,12 +168,18 @@ def explanation_filter(
         finish = functools.partial(_outcome, original, before=before, distinct=values.numel(), scorer=scorer, params=ap)
         while start < values.numel():
             fits = _candidates_that_fit((time.monotonic() - began) / scored)
-            if fits == 0 and start > 0:  # the time is up: return the state reached so far
+            securing = fits is not None and start == 0  # one candidate first: progress to return
+            if fits == 0 and not securing:  # the time is up: return the state reached so far
                 return finish(current.reshape(relevance.shape), best_apem, start, scored, "time_limit")
-            size = max(1, min(size, fits))
-            thresholds = values[start : start + size]
+            batch = 1 if securing else size if fits is None else min(size, fits)
+            thresholds = values[start : start + batch]
             maps = torch.where(current.unsqueeze(0) <= thresholds.view(-1, 1, 1, 1), 0.0, current)
-            scores = scorer.score(maps)
+            try:
+                scores = scorer.score(maps)
+            except TimeLimitExceeded:  # the batch outran the estimate: keep what earlier ones reached
+                if start == 0:
+                    raise
+                return finish(current.reshape(relevance.shape), best_apem, start, scored, "time_limit")
             scored += len(scores)
             drops = np.flatnonzero(scores < np.concatenate([[best_apem], scores[:-1]]))
             kept = len(scores) if drops.size == 0 else int(drops[0])
@@ -181,16 +189,17 @@ def explanation_filter(
                 start += kept
             if drops.size:
                 return finish(current.reshape(relevance.shape), best_apem, start, scored, "apem_dropped")
-            size = min(2 * size, most)
+            if not securing:
+                size = min(2 * batch, most)
     return finish(current.reshape(relevance.shape), best_apem, start, scored, "map_exhausted")
 
 
-def _candidates_that_fit(seconds_per_candidate: float) -> int:
-    """Candidates the current time limit leaves room for (with a fifth to spare); a large
-    number without a limit."""
+def _candidates_that_fit(seconds_per_candidate: float) -> int | None:
+    """Candidates the current time limit leaves room for (with a fifth to spare); ``None``
+    without a limit."""
     left = time_left()
     if left is None:
-        return 1 << 30
+        return None
     return max(0, int(0.8 * left / max(seconds_per_candidate, 1e-9)))
 
 

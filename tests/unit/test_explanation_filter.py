@@ -99,3 +99,36 @@ def test_a_filter_stopped_by_its_time_limit_resumes_to_the_same_result(monkeypat
     assert rest.apem_before == first.apem_after and rest.apem_after == whole.apem_after
     assert first.values_removed + rest.values_removed == whole.values_removed
     assert first.fraction_kept * rest.fraction_kept == pytest.approx(whole.fraction_kept)
+
+
+def test_a_batch_that_outruns_the_time_limit_gives_back_the_state_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a limit the first candidate is scored alone; a later batch whose search runs out
+    of time is dropped and the reached map returned; out of time before any progress, the
+    call fails."""
+    from handlers.deadline import TimeLimitExceeded, time_limit
+    from handlers.metrics import explanation_filter as module
+
+    model, image, relevance = tiny_cnn(seed=0), images(1, size=16, seed=0)[0], _map(0, 1)
+    whole = explanation_filter(model, image, relevance, apem_params=APEM)
+    assert whole.values_removed >= 2
+    score = module._CandidateScorer.score
+    batches: list[int] = []
+
+    def out_of_time_at(call: int):
+        def scoring(self, maps: torch.Tensor):
+            batches.append(maps.shape[0])
+            if len(batches) == call:
+                raise TimeLimitExceeded("the APEM flip search did not finish")
+            return score(self, maps)
+        return scoring
+
+    monkeypatch.setattr(module._CandidateScorer, "score", out_of_time_at(3))
+    with time_limit(1e6):
+        reached = explanation_filter(model, image, relevance, apem_params=APEM)
+    assert batches[:2] == [1, 1] and batches[2] > 1  # the initial map, one candidate, then a batch
+    assert reached.stop == "time_limit" and reached.values_removed == 1
+    assert torch.equal(reached.filtered, torch.where(relevance == relevance[relevance > 0].min(), 0.0, relevance))
+    batches.clear()
+    monkeypatch.setattr(module._CandidateScorer, "score", out_of_time_at(2))
+    with time_limit(1e6), pytest.raises(TimeLimitExceeded):
+        explanation_filter(model, image, relevance, apem_params=APEM)
