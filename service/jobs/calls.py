@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from service.errors import ApiError
+
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
 
@@ -47,13 +49,29 @@ def in_batches(
     progress: Callable[[float], None] | None = None,
 ) -> list[T]:
     """``fetch(batch)`` for consecutive batches of ``size`` items, the answers in order, with
-    :func:`in_flight`'s concurrency; ``progress`` gets the share of items done after each."""
+    :func:`in_flight`'s concurrency; ``progress`` gets the share of items done after each.
+
+    A call the model server refuses for lack of time (422 ``time_limit``: a fine APEM grid,
+    many attack steps or SIS passes on a large model) is made again as two calls of half its
+    items, down to one item; so an answer may cover fewer than ``size`` items, and callers
+    count each answer's items. One item out of time fails the job with the server's reason.
+    """
     n, answers = len(items), []
-    for start, answer in in_flight(lambda s: fetch(items[s : s + size]), range(0, n, size), concurrency):
-        answers.append(answer)
+    for start, parts in in_flight(lambda s: _halved_when_out_of_time(fetch, items[s : s + size]), range(0, n, size), concurrency):
+        answers.extend(parts)
         if progress is not None:
             progress(min(n, start + size) / n)
     return answers
+
+
+def _halved_when_out_of_time(fetch: Callable[[Sequence[I]], T], batch: Sequence[I]) -> list[T]:
+    try:
+        return [fetch(batch)]
+    except ApiError as error:
+        if error.code != "time_limit" or len(batch) == 1:
+            raise
+    half = len(batch) // 2
+    return _halved_when_out_of_time(fetch, batch[:half]) + _halved_when_out_of_time(fetch, batch[half:])
 
 
 def encoded_blob(read: Callable[[str], bytes], sha256: str) -> str:

@@ -74,9 +74,11 @@ def score_subsets(
             progress(0.95 * (before + share * size) / len(images))
 
         results = in_batches(indices, per_call, fetch, concurrency, advance)
-        for start, result in zip(range(0, len(indices), per_call), results, strict=True):
+        answered = iter(indices)
+        for result in results:  # a call split for lack of time answers for fewer images
             params = result.params
-            for j, i in enumerate(indices[start : start + per_call]):
+            for j in range(len(result.predictions)):
+                i = next(answered)
                 rows[i] = _row(images[i], labels[i], result, j)
         done += len(indices)
     return params, rows

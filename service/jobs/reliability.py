@@ -5,8 +5,7 @@ explained for its predicted class and scored by APEM (thesis 003, chapter 3; APE
 section 5.2, when ``apem_params.normalise``) in TorchServe, ``IMAGES_PER_CALL`` images per
 ``apem_set`` call; the worker averages and correlates APEM with each image's loss against
 its dataset label (Spearman, section 5.4, table 5.3). A call that runs out of the model
-server's time (422 ``time_limit``: a fine grid on a large model) is made again as two calls
-of half its images, down to one image per call.
+server's time (a fine grid on a large model) is split by :func:`~service.jobs.calls.in_batches`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import numpy as np
 
 from handlers.contract import ApemSetRequest, ApemSetResult
 from handlers.metrics.ranking import spearman_with_loss
-from service.errors import ApiError
 from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient
 
@@ -26,9 +24,6 @@ IMAGES_PER_CALL = 8
 """Images per TorchServe call: the exact search shares forward passes between them (8 per
 call was 1.2x faster per image than 1 on the demo model, benchmarks/results/adversarial.md)
 while a call on a large model stays well within TorchServe's response timeout."""
-
-PER_IMAGE_FIELDS = ("targets", "eps_minus", "eps_plus", "apem", "apem_norm", "losses")
-"""The fields of an :class:`ApemSetResult` that hold one entry per image."""
 
 
 def sample(images: list[dict[str, Any]], max_images: int, seed: int) -> list[dict[str, Any]]:
@@ -58,25 +53,10 @@ def score_images(
             params=spec.get("params", {}),
             apem_params=spec.get("apem_params", {}),
         )
-        try:
-            return client.call(spec["model"], request, ApemSetResult)
-        except ApiError as error:
-            if error.code != "time_limit" or len(batch) == 1:
-                raise
-        half = len(batch) // 2
-        return _joined(fetch(batch[:half]), fetch(batch[half:]))
+        return client.call(spec["model"], request, ApemSetResult)
 
     pairs = list(zip(images, labels, strict=True))
     return in_batches(pairs, IMAGES_PER_CALL, fetch, concurrency, lambda done: progress(0.99 * done))
-
-
-def _joined(first: ApemSetResult, second: ApemSetResult) -> ApemSetResult:
-    """Two answers for consecutive images as one, in order."""
-    update: dict[str, Any] = {"elapsed_ms": first.elapsed_ms + second.elapsed_ms}
-    for name in PER_IMAGE_FIELDS:
-        a, b = getattr(first, name), getattr(second, name)
-        update[name] = None if a is None or b is None else a + b
-    return first.model_copy(update=update)
 
 
 def summarise(

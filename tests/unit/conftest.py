@@ -77,7 +77,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
     fake_torchserve.State.time_limits.clear()
     fake_torchserve.State.filter_calls_out_of_time = 0
     fake_torchserve.State.filter_values_removed = 2
-    fake_torchserve.State.apem_set_most_images = None
+    fake_torchserve.State.most_images = None
     with TestClient(
         create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}
     ) as test_client:

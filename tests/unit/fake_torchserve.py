@@ -48,7 +48,7 @@ class State:
     time_limits: list[str | None] = []  # each request's X-Beyond-Time-Limit
     filter_calls_out_of_time = 0  # filter calls that answer stop="time_limit" (a partial map)
     filter_values_removed = 2  # per filter call
-    apem_set_most_images: int | None = None  # larger apem_set calls answer 422 time_limit
+    most_images: int | None = None  # calls with more images answer 422 time_limit
     release = threading.Event()
     waiting = 0
 
@@ -70,6 +70,10 @@ def _explanation(options: c.ExplainOptions) -> dict[str, Any]:
 def _mean_red(image: str) -> float:
     with Image.open(io.BytesIO(base64.b64decode(image))) as img:
         return float(np.asarray(img.convert("RGB"))[..., 0].mean())
+
+
+def _red_level(image: str) -> int:
+    return round(_mean_red(image))
 
 
 def _raw_images(req: Any) -> list[c.RawImage]:
@@ -206,7 +210,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
         probs[:, 0] = np.linspace(0.9, 0.1, n) if n > 1 else 0.5
         return {
             **base,
-            "embeddings": _arr(np.arange(n * 4).reshape(n, 4)),
+            "embeddings": _arr(np.array([[r, r * 7 % 13, r * 3 % 5, 1.0] for r in map(_red_level, req.images)])),
             "probabilities": _arr(probs),
         }
     if req.task == "robustness":
@@ -215,7 +219,7 @@ def answer(req: Any, model: str) -> dict[str, Any]:
             **base,
             "method": req.method,
             "params": req.params,
-            "steps_to_flip": [None if i % 3 == 0 else (n - i) for i in range(n)],
+            "steps_to_flip": [None if r % 3 == 0 else 1 + r % 5 for r in map(_red_level, req.images)],
             "predictions": [0] * n,
             "adversarial_predictions": [1] * n,
         }
@@ -264,7 +268,7 @@ async def predictions(request: Request) -> JSONResponse:
         State.waiting += 1
         while not State.release.is_set():
             await asyncio.sleep(0.005)
-    if req.task == "apem_set" and State.apem_set_most_images is not None and len(req.images) > State.apem_set_most_images:
+    if State.most_images is not None and len(getattr(req, "images", [])) > State.most_images:
         message = "the APEM flip search did not finish within the 540 s this call may work: ..."
         return JSONResponse({"error": {"code": "time_limit", "message": message}}, 422)
     if State.mode == "reject":

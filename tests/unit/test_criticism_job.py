@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 
+from service.errors import ApiError
 from service.jobs.calls import in_batches, in_flight
 
 
@@ -50,6 +52,24 @@ def test_batches_come_in_order_with_the_share_done(concurrency: int) -> None:
     done: list[float] = []
     answers = in_batches(list(range(10)), 4, lambda batch: sum(batch), concurrency, done.append)
     assert answers == [0 + 1 + 2 + 3, 4 + 5 + 6 + 7, 8 + 9] and done == [0.4, 0.8, 1.0]
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_batches_out_of_time_are_halved_and_other_refusals_are_not(concurrency: int) -> None:
+    def fetch(batch: Sequence[int]) -> list[int]:
+        if 10 in batch:
+            raise ApiError(422, "invalid_image", "not an image")
+        if sum(batch) > 8:
+            raise ApiError(422, "time_limit", "did not finish within the 540 s this call may work")
+        return list(batch)
+
+    done: list[float] = []
+    answers = in_batches(list(range(9)), 4, fetch, concurrency, done.append)
+    assert answers == [[0, 1, 2, 3], [4], [5], [6], [7], [8]] and done == [4 / 9, 8 / 9, 1.0]
+    with pytest.raises(ApiError, match="not an image"):
+        in_batches([0, 10], 4, fetch, concurrency)
+    with pytest.raises(ApiError, match="540 s"):
+        in_batches([0, 9], 4, fetch, concurrency)
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])
