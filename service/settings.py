@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DAY = 24 * 3600
 MIB = 1024 * 1024
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "test", "password", "apikey", "api-key"}
-DEFAULT_MODELS = ("shapes-resnet", "shapes-vgg", "shapes-resnet-fair")
+DEFAULT_MODELS = ("shapes-resnet", "shapes-vgg", "shapes-resnet-fair", "shapes-resnet-faint")
 
 
 def _split_csv(value: object) -> object:

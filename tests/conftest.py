@@ -35,11 +35,12 @@ def _model(name: str):  # noqa: ANN202 - (PixelClassifier, ModelSpec)
 
 @pytest.fixture(scope="session")
 def shapes_split() -> Callable[[str, str], ShapesSplit]:
-    """``shapes_split("spurious" | "fair", "train" | "test" | "counterfactual")``."""
+    """``shapes_split("spurious" | "fair" | "faint", "train" | "test" | "counterfactual")``
+    (only ``spurious`` has a counterfactual split)."""
     return _split
 
 
 @pytest.fixture(scope="session")
 def demo_model() -> Callable[[str], tuple]:
-    """``demo_model("shapes-resnet" | "shapes-vgg" | "shapes-resnet-fair") -> (model, spec)``."""
+    """``demo_model(name) -> (model, spec)``, ``name`` one of ``model_store.train.RECIPES``."""
     return _model

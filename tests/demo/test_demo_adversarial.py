@@ -1,12 +1,13 @@
 """Attacks and adversarial model criticism on the trained demo models (paper 000, section 3).
 
 Measured on the first 150 test images (2 CPU cores): IFGSM with paper 000's parameters
-(step 0.001, M = 10, so at most 0.01 = 2.55/255 per pixel) flips only a minority of the
-correctly classified images of these small, large-margin models (shapes-resnet 3.4%,
-shapes-vgg 6.1%, shapes-resnet-fair 28.7%; the median size that flips them, with steps of
-0.001 and no budget, is 0.026, 0.027 and 0.013); the same M = 10 with step 0.008 flips
-99.3%, 89.9% and 100%.
-Paper 000's 0.001 was calibrated on ImageNet ResNets, which are far less robust.
+(step 0.001, M = 10, so at most 0.01 = 2.55/255 per pixel) flips 96.0% of the correctly
+classified images of shapes-resnet-faint (shapes at 60% opacity; median size that flips
+them, with steps of 0.001 and no budget, 0.006), as it flipped about nine in ten of the
+paper's ImageNet ResNet-101 (accuracy 77.31% -> 7.96%, section 3.2). The full-opacity
+models have far larger margins: it flips only 3.4% (shapes-resnet), 6.1% (shapes-vgg) and
+28.7% (shapes-resnet-fair) of theirs (median sizes 0.026, 0.027 and 0.013); the same M = 10
+with step 0.008 flips 99.3%, 89.9% and 100% (the faint model: 100%).
 """
 
 from __future__ import annotations
@@ -21,13 +22,19 @@ import torchattacks
 from PIL import Image
 
 from handlers.attacks import get_attack
+from handlers.attacks.base import NEVER
 from handlers.attacks.pictures import adversarial_png, explain_adversarial, perturbation_png
 from handlers.criticism import gallery_png, select
 from handlers.criticism.gather import gather_inputs
 from handlers.models.derived import fused_classifier
 from model_store.train import to_tensor
 
-MODELS = [("shapes-resnet", "spurious", (0.01, 0.15)), ("shapes-vgg", "spurious", (0.02, 0.2)), ("shapes-resnet-fair", "fair", (0.15, 0.5))]
+MODELS = [
+    ("shapes-resnet", "spurious", (0.01, 0.15)),
+    ("shapes-vgg", "spurious", (0.02, 0.2)),
+    ("shapes-resnet-fair", "fair", (0.15, 0.5)),
+    ("shapes-resnet-faint", "faint", (0.85, 1.0)),  # "most", as in paper 000
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -123,27 +130,35 @@ def test_pictures_and_the_explanation_of_the_adversarial_class(demo_model, shape
     assert explanation.relevance.shape == x.shape
 
 
-@pytest.fixture(scope="module")
-def stars(shapes_split):  # noqa: ANN001, ANN201
-    split = shapes_split("spurious", "test")
+def _stars(split):  # noqa: ANN001, ANN202
     star = split.class_names.index("star")
     index = np.flatnonzero(split.labels == star)[:250]
     magenta = np.array([split.attributes[i]["colour"] == "magenta" for i in index])
     return star, split.images[index], magenta
 
 
-def test_adversarial_criticism_uncovers_the_planted_colour(demo_model, stars) -> None:  # noqa: ANN001
-    """Paper 000, section 3.4 mirrored: prototypes over-, criticisms under-represent magenta."""
-    model, _ = demo_model("shapes-resnet")
-    star, images, magenta = stars
+@pytest.fixture(scope="module")
+def stars(shapes_split):  # noqa: ANN001, ANN201
+    return _stars(shapes_split("spurious", "test"))
+
+
+@pytest.mark.parametrize(("name", "dataset", "gap"), [("shapes-resnet", "spurious", 0.3), ("shapes-resnet-faint", "faint", 0.2)])
+def test_adversarial_criticism_uncovers_the_planted_colour(name: str, dataset: str, gap: float, demo_model, shapes_split) -> None:  # noqa: ANN001
+    """Paper 000, section 3.4 mirrored: prototypes over-, criticisms under-represent magenta.
+    Prototypes are the stars still right after M steps, so on shapes-resnet-faint, where the
+    paper's parameters flip nine in ten as on ImageNet, there are only 9 of them. Measured
+    (250 stars, 51% magenta): shapes-resnet 90% / 10%, shapes-resnet-faint 78% / 25%."""
+    model, _ = demo_model(name)
+    star, images, magenta = _stars(shapes_split(dataset, "test"))
     inputs = gather_inputs(model, to_tensor(images), star, "adversarial")  # paper: step 0.001, M = 10
     selection = select("adversarial", inputs, {"prototypes": 20, "criticisms": 20})
     base = magenta.mean()
     protos = magenta[[item.index for item in selection.prototypes]].mean()
     crits = magenta[[item.index for item in selection.criticisms]].mean()
-    LOG.info(f"magenta: base rate {base:.2f}, prototypes {protos:.2f}, criticisms {crits:.2f} (n={len(magenta)}, m=20)")
-    assert len(selection.prototypes) == 20 and len(selection.criticisms) == 20
-    assert protos >= base + 0.3 and crits <= base - 0.3
+    LOG.info(f"{name} magenta: base rate {base:.2f}, prototypes {protos:.2f}, criticisms {crits:.2f} (n={len(magenta)}, m=20)")
+    survivors = int((inputs.steps_to_flip == NEVER).sum())
+    assert len(selection.prototypes) == min(20, survivors) >= 5 and len(selection.criticisms) == 20
+    assert protos >= base + gap and crits <= base - gap
     picture = Image.open(io.BytesIO(gallery_png(images, selection, tile=48)))
     assert picture.format == "PNG"
 

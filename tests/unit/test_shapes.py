@@ -111,3 +111,20 @@ def test_fair_config_has_no_planted_correlation() -> None:
     stars = [d for d in draws if d["class_name"] == "star"]
     assert abs(np.mean([d["colour"] == "magenta" for d in stars]) - 1 / len(COLOURS)) < 0.04
     assert not any(d["planted_background"] or d["planted_colour"] for d in draws)
+
+
+def test_faint_shapes_blend_into_their_background_and_full_opacity_is_unchanged() -> None:
+    """``opacity`` 0.6: the shape's pixels are 60 % its colour and 40 % the background; the
+    background is untouched; full-opacity configs keep their attributes (no ``opacity`` key)
+    and so their bytes."""
+    full = sample_attributes(ShapesConfig(planted_backgrounds={}), "test", 3)
+    faint = sample_attributes(ShapesConfig.faint(), "test", 3)
+    assert "opacity" not in full and faint == {**full, "opacity": 0.6}
+    solid, mask = render(full, 64)
+    blended, same_mask = render(faint, 64)
+    background = background_texture(str(full["background"]), 64, int(full["texture_seed"]))
+    expected = 0.6 * solid[mask].astype(np.float64) + 0.4 * np.clip(background[mask], 0, 255)
+    unclipped = (solid[mask] < 255).all(axis=1)  # the solid shape's colour is clipped at 255
+    assert np.array_equal(mask, same_mask) and unclipped.sum() > 100
+    assert np.abs(blended[mask] - expected)[unclipped].max() <= 1.0  # uint8 rounding (twice)
+    assert np.array_equal(blended[~mask], solid[~mask])
