@@ -65,6 +65,7 @@ def in_batches(
 
 
 def _halved_when_out_of_time(fetch: Callable[[Sequence[I]], T], batch: Sequence[I]) -> list[T]:
+    """``[fetch(batch)]``, or the answers for its halves (recursively) when it ran out of time."""
     try:
         return [fetch(batch)]
     except ApiError as error:
