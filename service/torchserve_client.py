@@ -136,6 +136,12 @@ def _async_transport_error(exc: Exception, retry_after_s: int) -> ApiError:
     return ApiError(503, "model_server_unavailable", "the model server is unreachable")
 
 
+def _call_headers(content_type: str, waits_s: float, tokens: TokenSource) -> dict[str, str]:
+    """Headers of a call: its body's type, how long the caller waits (the handler stops its
+    work a little sooner) and TorchServe's token."""
+    return {"Content-Type": content_type, TIME_LIMIT_HEADER: f"{waits_s:g}", **tokens.headers()}
+
+
 def _timeout(settings: Settings, read_s: float) -> httpx.Timeout:
     return httpx.Timeout(
         read_s,
@@ -180,8 +186,7 @@ class AsyncTorchServeClient:
         self, model: str, request: BaseModel, result_model: type[R], timeout: float | None = None
     ) -> R:
         body, content_type = encode_request(request)
-        waits = timeout or self.settings.torchserve_timeout_s
-        headers = {"Content-Type": content_type, TIME_LIMIT_HEADER: f"{waits:g}", **self.tokens.headers()}
+        headers = _call_headers(content_type, timeout or self.settings.torchserve_timeout_s, self.tokens)
         extra = {} if timeout is None else {"timeout": _async_timeout(self.settings, timeout)}
         retry_after_s = self.settings.torchserve_retry_after_s
         try:
@@ -246,11 +251,7 @@ class SyncTorchServeClient:
         body, content_type = encode_request(request)
         delay = 1.0
         for attempt in range(attempts):
-            headers = {
-                "Content-Type": content_type,
-                TIME_LIMIT_HEADER: f"{self.settings.torchserve_job_timeout_s:g}",
-                **self.tokens.headers(),
-            }
+            headers = _call_headers(content_type, self.settings.torchserve_job_timeout_s, self.tokens)
             try:
                 response = self._client.post(_model_path(model), content=body, headers=headers)
                 return map_reply(

@@ -22,7 +22,6 @@ filter job does so, one model-server call after another).
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -165,12 +164,18 @@ def explanation_filter(
         best_apem = float(scorer.score(current.unsqueeze(0))[0])
         most = images_per_pass(fp.max_candidates_per_batch, x.shape)  # three maps' worth each
         before, start, size, scored = best_apem, 0, min(fp.candidates_per_batch, most), 1
-        finish = functools.partial(_outcome, original, before=before, distinct=values.numel(), scorer=scorer, params=ap)
+
+        def finish(stop: Stop) -> FilterOutcome:
+            """The outcome at the state Algorithm 2 has reached (``current`` after ``start``
+            iterations)."""
+            return _outcome(original, current.reshape(relevance.shape), best_apem, start, scored, stop,
+                            before=before, distinct=values.numel(), scorer=scorer, params=ap)
+
         while start < values.numel():
             fits = _candidates_that_fit((time.monotonic() - began) / scored)
             securing = fits is not None and start == 0  # one candidate first: progress to return
             if fits == 0 and not securing:  # the time is up: return the state reached so far
-                return finish(current.reshape(relevance.shape), best_apem, start, scored, "time_limit")
+                return finish("time_limit")
             batch = 1 if securing else size if fits is None else min(size, fits)
             thresholds = values[start : start + batch]
             maps = torch.where(current.unsqueeze(0) <= thresholds.view(-1, 1, 1, 1), 0.0, current)
@@ -179,7 +184,7 @@ def explanation_filter(
             except TimeLimitExceeded:  # the batch outran the estimate: keep what earlier ones reached
                 if start == 0:
                     raise
-                return finish(current.reshape(relevance.shape), best_apem, start, scored, "time_limit")
+                return finish("time_limit")
             scored += len(scores)
             drops = np.flatnonzero(scores < np.concatenate([[best_apem], scores[:-1]]))
             kept = len(scores) if drops.size == 0 else int(drops[0])
@@ -188,10 +193,10 @@ def explanation_filter(
                 current = maps[kept - 1]
                 start += kept
             if drops.size:
-                return finish(current.reshape(relevance.shape), best_apem, start, scored, "apem_dropped")
+                return finish("apem_dropped")
             if not securing:
                 size = min(2 * batch, most)
-    return finish(current.reshape(relevance.shape), best_apem, start, scored, "map_exhausted")
+    return finish("map_exhausted")
 
 
 def _candidates_that_fit(seconds_per_candidate: float) -> int | None:
