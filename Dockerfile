@@ -82,7 +82,7 @@ FROM torchserve-base AS torchserve-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-# 1: train and archive the four demo models at build time (seeded: same weights each build)
+# 1: archive the four demo models at build time (from the shipped weights in model_store/demo_weights)
 ARG DEMO_ARCHIVES=1
 WORKDIR /src
 RUN python3.11 -m venv /opt/venv \

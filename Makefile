@@ -1,8 +1,12 @@
 # The two commands of the README: `make up` (install + start) and `make test`.
-.PHONY: install up down test lint audit lock
+.PHONY: install install-test up down test lint audit lock
 
+# what the service needs (make up); install-test adds the test tools (make test)
 install:
 	bash scripts/install.sh
+
+install-test:
+	bash scripts/install.sh --test
 
 up: install
 	.venv/bin/python -m service.stack up
@@ -10,7 +14,7 @@ up: install
 down:
 	.venv/bin/python -m service.stack down
 
-test: install
+test: install-test
 	.venv/bin/python scripts/audit_deps.py check
 	.venv/bin/python -m pytest
 

@@ -240,7 +240,7 @@ def main() -> None:
     device = torch.device(args.device)
     from model_store import paths
 
-    model, _ = load_model_dir(paths.WEIGHTS_DIR / MODEL, device)
+    model, _ = load_model_dir(paths.DEMO_WEIGHTS_DIR / MODEL, device)
     model.requires_grad_(False)
     x, y = to_tensor(data["images"], device), torch.from_numpy(data["labels"]).to(device)
     with torch.no_grad():

@@ -15,7 +15,6 @@ import io
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,7 +72,7 @@ def main() -> int:
     devices = [torch.device("cpu")] + ([select_device(0)] if torch.cuda.is_available() else [])
     runners = []
     for device in devices:
-        model, spec = load_model_dir(Path(paths.WEIGHTS_DIR) / args.model, device)
+        model, spec = load_model_dir(paths.DEMO_WEIGHTS_DIR / args.model, device)
         runners.append(TaskRunner(model, spec, device))
     print(f"model {args.model}; devices: {', '.join(str(d) for d in devices)}"
           + (f" ({torch.cuda.get_device_name()})" if len(devices) > 1 else ""))

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m model_store.build --demo                       # the three demo models
+    python -m model_store.build --demo                       # the four demo models
     python -m model_store.build --name my-resnet50 --arch resnet50 \\
         --weights resnet50.pth --labels imagenet_classes.txt  # local weights, ImageNet labels
     python -m model_store.build --name rn18-random --arch resnet18 --random-weights \\
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,9 +131,10 @@ def build_torchvision(
         return archive(model_dir, out_dir, config)
 
 
-def ensure_demo_archives(out_dir: Path | None = None) -> Path:
-    """Train the demo models if needed and archive any that has no up-to-date ``.mar``
-    (older than its weights, or packed with another model config)."""
+def ensure_demo_archives(out_dir: Path | None = None, report: Callable[[str], None] | None = None) -> Path:
+    """Archive each demo model (the shipped weights) that has no up-to-date ``.mar`` (older
+    than its weights, or packed with another model config); ``report`` hears each name
+    archived."""
     out_dir = out_dir or paths.ARCHIVE_DIR
     weights_dir = ensure_demo_models()
     for name in RECIPES:
@@ -141,12 +143,14 @@ def ensure_demo_archives(out_dir: Path | None = None) -> Path:
         stale = not mar.exists() or mar.stat().st_mtime < source.stat().st_mtime
         if stale or archived_config(mar) != model_config():
             archive(weights_dir / name, out_dir)
+            if report is not None:
+                report(name)
     return out_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build TorchServe model archives.")
-    parser.add_argument("--demo", action="store_true", help="train (if needed) and archive the demo models")
+    parser.add_argument("--demo", action="store_true", help="archive the demo models (shipped weights)")
     parser.add_argument("--name", help="archive/model name for a torchvision model")
     parser.add_argument("--arch", help="torchvision architecture (resnet18, resnet50, vgg16, densenet121, ...)")
     parser.add_argument("--weights", type=Path, help="local state_dict file (torchvision key layout)")
@@ -163,7 +167,7 @@ def main() -> None:
     tuning.add_argument("--response-timeout", type=int, help="s before TorchServe gives up on a call")
     args = parser.parse_args()
     if args.demo:
-        print(f"demo archives in {ensure_demo_archives(args.out)}")
+        print(f"demo archives in {ensure_demo_archives(args.out, lambda name: print(f'archived {name}', flush=True))}")
         return
     if not (args.name and args.arch) or (args.weights is None) == (not args.random_weights):
         parser.error("give --name, --arch and exactly one of --weights or --random-weights")

@@ -2,7 +2,12 @@
 
 ``python -m model_store.train shapes-resnet`` (or ``--all``) generates the datasets if they
 are missing, trains, prints test / counterfactual accuracies and writes them into the
-model's ``model_spec.json`` beside ``weights.pt`` under ``model_store/weights/<name>/``.
+model's ``model_spec.json`` beside ``weights.pt`` under ``model_store/weights/<name>/``
+(``--out`` elsewhere, ``--seed`` another training seed). The weights that are served and
+tested are the shipped ones in ``model_store/demo_weights/`` (``paths.DEMO_WEIGHTS_DIR``),
+written by ``--ship`` (seed 0): training is not bit-reproducible across CPUs, so shipping
+them makes every machine serve and test the same models. ``benchmarks.seeds`` measures how
+far each claim about them holds over other training seeds.
 
 =====================  ==============  ===================================================
 model                  architecture    training data
@@ -81,8 +86,8 @@ def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 500) 
     return torch.cat(out).numpy()
 
 
-def _fit(model: PixelClassifier, train: ShapesSplit, recipe: Recipe, batch_size: int = 128) -> None:
-    generator = torch.Generator().manual_seed(TRAIN_SEED)
+def _fit(model: PixelClassifier, train: ShapesSplit, recipe: Recipe, seed: int, batch_size: int = 128) -> None:
+    generator = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous()
     y_all = torch.from_numpy(train.labels)
     steps = recipe.epochs * (len(y_all) // batch_size)
@@ -124,10 +129,12 @@ def evaluate(
     }
 
 
-def train(name: str, out_root: Path | None = None) -> Path:
-    """Train demo model ``name``, write it to ``<out_root>/<name>/`` and return that folder."""
+def train(name: str, out_root: Path | None = None, seed: int = TRAIN_SEED) -> Path:
+    """Train demo model ``name`` with training seed ``seed`` (initial weights, batch order
+    and flips; the data stays ``DATA_SEED``'s), write it to ``<out_root>/<name>/`` and
+    return that folder."""
     recipe = RECIPES[name]
-    torch.manual_seed(TRAIN_SEED)
+    torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data_root = ensure_dataset(recipe.dataset)
     train_split, test_split = load_split(data_root, "train"), load_split(data_root, "test")
@@ -137,12 +144,12 @@ def train(name: str, out_root: Path | None = None) -> Path:
     spec = ModelSpec(
         name=name, architecture=recipe.architecture, num_classes=len(CLASS_NAMES),
         preprocessing=PREPROCESSING, labels=list(CLASS_NAMES), data_seed=DATA_SEED,
-        train_seed=TRAIN_SEED, description=recipe.description,
+        train_seed=seed, description=recipe.description,
     )
     model = build_classifier(spec, None)
     start = time.perf_counter()
-    print(f"training {name} ({recipe.architecture}) on {len(train_split)} {recipe.dataset} images")
-    _fit(model, train_split, recipe)
+    print(f"training {name} ({recipe.architecture}, seed {seed}) on {len(train_split)} {recipe.dataset} images")
+    _fit(model, train_split, recipe, seed)
     seconds = time.perf_counter() - start
     planted = list(DATASETS["spurious"].planted_backgrounds)
     metrics = {**evaluate(model, test_split, counterfactual, planted), "train_seconds": round(seconds, 1)}
@@ -154,24 +161,36 @@ def train(name: str, out_root: Path | None = None) -> Path:
 
 
 def ensure_demo_models() -> Path:
-    """Train every demo model that has no weights yet; return the weights folder."""
-    for name in RECIPES:
-        if not (paths.WEIGHTS_DIR / name / "weights.pt").exists():
-            train(name)
-    return paths.WEIGHTS_DIR
+    """The folder of the demo weights that are served and tested (the shipped ones, or
+    ``BEYOND_DEMO_WEIGHTS_DIR``'s); a clear error if a demo model is missing there."""
+    missing = [name for name in RECIPES if not (paths.DEMO_WEIGHTS_DIR / name / "weights.pt").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no weights for {', '.join(missing)} in {paths.DEMO_WEIGHTS_DIR}: "
+            f"python -m model_store.train {' '.join(missing)} --out {paths.DEMO_WEIGHTS_DIR}"
+        )
+    return paths.DEMO_WEIGHTS_DIR
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the demo models on Spurious Shapes.")
     parser.add_argument("names", nargs="*", choices=[*RECIPES, []], help="models to train")
     parser.add_argument("--all", action="store_true", help="train every demo model")
-    parser.add_argument("--missing", action="store_true", help="only models without weights")
+    parser.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {paths.WEIGHTS_DIR})")
+    parser.add_argument("--datasets", action="store_true", help="only generate the demo datasets (if missing)")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"write into the shipped weights, {paths.DEMO_WEIGHTS_DIR} (seed {TRAIN_SEED} only)")
     args = parser.parse_args()
-    if args.missing:
-        ensure_demo_models()
+    if args.ship and (args.out is not None or args.seed != TRAIN_SEED):
+        parser.error(f"--ship writes seed {TRAIN_SEED} into {paths.DEMO_WEIGHTS_DIR}; it takes no --out or --seed")
+    if args.datasets:
+        for name in DATASETS:
+            print(f"dataset {name}: {ensure_dataset(name)}", flush=True)
         return
+    out_root = paths.DEMO_WEIGHTS_DIR if args.ship else args.out
     for name in RECIPES if args.all else args.names:
-        train(name)
+        train(name, out_root, args.seed)
 
 
 if __name__ == "__main__":

@@ -319,10 +319,16 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     children: list[tuple[str, object]] = []
     try:
-        print("building the demo model archives (first run: about 10 minutes) ...", flush=True)
-        archives = ensure_demo_archives()
+        clock = time.monotonic()
+
+        def step(message: str) -> None:
+            print(f"[{time.monotonic() - clock:5.1f} s] {message}", flush=True)
+
+        step("archiving the demo models (shipped weights; a few seconds each, cached) ...")
+        archives = ensure_demo_archives(report=lambda name: step(f"  archived {name}"))
         redis = RedisServer(int(os.environ.get("BEYOND_REDIS_PORT", "6379")), state).start()
         children.append(("redis", redis))
+        step(f"redis ready at {redis.url}")
         ts = TorchServeProcess(
             archives,
             [f"{m}.mar" for m in settings.models],
@@ -331,8 +337,8 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
             management_port=int(os.environ.get("BEYOND_TORCHSERVE_MANAGEMENT_PORT", "8081")),
             metrics_port=int(os.environ.get("BEYOND_TORCHSERVE_METRICS_PORT", "8082")),
         )
-        print("starting TorchServe ...", flush=True)
-        ts.start(timeout=600)
+        step(f"starting TorchServe with {len(settings.models)} models (log: {ts.log_file}) ...")
+        ts.start(timeout=600, on_ready=lambda name: step(f"  model {name} ready"))
         children.append(("torchserve", ts))
         env = service_env(
             settings,
@@ -349,7 +355,9 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
         children.append(("gateway", gateway))
         _write_pids(state, {name: proc.process.pid for name, proc in children})  # type: ignore[attr-defined]
         base = f"http://{settings.host}:{settings.port}"
+        step("starting the job worker and the gateway ...")
         wait_ready(base, ready_timeout, check=gateway)
+        step("gateway ready")
         key = generated_key or "(from BEYOND_API_KEYS)"
         print(
             f"\nBeyond is ready\n  URL:      {base}\n  docs:     {base}/docs\n  API key:  {key}\n"

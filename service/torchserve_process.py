@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -134,11 +135,12 @@ class TorchServeProcess:
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
-    def start(self, timeout: float = 300) -> None:
-        """Start TorchServe and block until every model answers a ping."""
+    def start(self, timeout: float = 300, on_ready: Callable[[str], None] | None = None) -> None:
+        """Start TorchServe and block until every model has a ready worker; ``on_ready``
+        hears each model's name as it becomes ready."""
         self.launch(self.log_file)
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, on_ready)
         except Exception:
             self.stop()
             raise
@@ -209,7 +211,7 @@ class TorchServeProcess:
     def management_token(self) -> str:
         return json.loads(self.key_file.read_text())["management"]["key"]
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, on_ready: Callable[[str], None] | None = None) -> None:
         deadline = time.monotonic() + timeout
         pending = [Path(m).stem for m in self.models]
         while time.monotonic() < deadline:
@@ -218,7 +220,11 @@ class TorchServeProcess:
                     f"torchserve exited with {self.process.returncode}; see {self.log_file}"
                 )
             if self.key_file.exists():
-                pending = [m for m in pending if not self._model_ready(m)]
+                ready = [m for m in pending if self._model_ready(m)]
+                for model in ready:
+                    if on_ready is not None:
+                        on_ready(model)
+                pending = [m for m in pending if m not in ready]
                 if not pending:
                     return
             time.sleep(0.5)

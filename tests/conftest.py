@@ -1,7 +1,10 @@
-"""Session fixtures shared by every test: the demo dataset and the trained demo models.
+"""Session fixtures shared by every test: the demo dataset and the demo models.
 
-The first use generates Spurious Shapes and trains the demo models (a few minutes on two
-cores); both are cached under ``model_store/`` so later sessions start instantly.
+The first use generates Spurious Shapes (about 10 s, cached under ``model_store/data``). The
+demo models are the shipped weights (``model_store/demo_weights``, seed 0), the same on every
+machine; ``BEYOND_DEMO_WEIGHTS_DIR`` points the tests at others (``benchmarks.seeds`` runs the
+demo tests against retrained seeds). Demo tests record what they measure with
+``record_property``: ``benchmarks.seeds`` reads it back for each seed.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ with step 0.008 flips 99.3%, 89.9% and 100% (the faint model: 100%).
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 import pytest
@@ -36,8 +35,6 @@ MODELS = [
     ("shapes-resnet-faint", "faint", (0.85, 1.0)),  # "most", as in paper 000
 ]
 
-LOG = logging.getLogger(__name__)
-
 
 def _correct(model, split, n: int):  # noqa: ANN001, ANN202
     x, y = to_tensor(split.images[:n]), torch.from_numpy(split.labels[:n])
@@ -47,24 +44,25 @@ def _correct(model, split, n: int):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize(("name", "dataset", "band"), MODELS)
-def test_ifgsm_flip_rates(name: str, dataset: str, band: tuple[float, float], demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_ifgsm_flip_rates(name: str, dataset: str, band: tuple[float, float], demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model(name)
     x, y = _correct(model, shapes_split(dataset, "test"), 150)
     paper = get_attack("ifgsm")(model, x, y)  # step 0.001, M = 10
     strong = get_attack("ifgsm", {"step_size": 0.008})(model, x, y)
     rate, strong_rate = paper.success.float().mean().item(), strong.success.float().mean().item()
-    LOG.info(f"{name}: IFGSM flip rate {rate:.3f} (paper parameters), {strong_rate:.3f} (step 0.008), n={len(y)}")
+    record_property("flip_rate", rate)
+    record_property("flip_rate_step_0.008", strong_rate)
     assert band[0] <= rate <= band[1]
     assert strong_rate >= 0.85
     assert paper.linf.max() <= 0.01 + 1e-6 and torch.all(paper.success == (paper.steps_to_flip > 0))
 
 
-def test_targeted_attack_reaches_its_target(demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_targeted_attack_reaches_its_target(demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model("shapes-resnet")
     x, y = _correct(model, shapes_split("spurious", "test"), 24)
     targets = (y + 1) % 6
     result = get_attack("ifgsm", {"step_size": 0.004, "steps": 40, "target": None})(model, x, targets=targets)
-    LOG.info(f"targeted IFGSM success {result.success.float().mean():.3f}")
+    record_property("target_reached", result.success.float().mean().item())
     assert result.success.float().mean() >= 0.95
     assert torch.equal(result.predictions[result.success], targets[result.success])
 
@@ -143,7 +141,7 @@ def stars(shapes_split):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize(("name", "dataset", "gap"), [("shapes-resnet", "spurious", 0.3), ("shapes-resnet-faint", "faint", 0.2)])
-def test_adversarial_criticism_uncovers_the_planted_colour(name: str, dataset: str, gap: float, demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_adversarial_criticism_uncovers_the_planted_colour(name: str, dataset: str, gap: float, demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     """Paper 000, section 3.4 mirrored: prototypes over-, criticisms under-represent magenta.
     Prototypes are the stars still right after M steps, so on shapes-resnet-faint, where the
     paper's parameters flip nine in ten as on ImageNet, there are only 9 of them. Measured
@@ -155,8 +153,10 @@ def test_adversarial_criticism_uncovers_the_planted_colour(name: str, dataset: s
     base = magenta.mean()
     protos = magenta[[item.index for item in selection.prototypes]].mean()
     crits = magenta[[item.index for item in selection.criticisms]].mean()
-    LOG.info(f"{name} magenta: base rate {base:.2f}, prototypes {protos:.2f}, criticisms {crits:.2f} (n={len(magenta)}, m=20)")
     survivors = int((inputs.steps_to_flip == NEVER).sum())
+    for key, value in (("magenta_base", base), ("magenta_prototypes", protos), ("magenta_criticisms", crits),
+                       ("prototypes", len(selection.prototypes)), ("criticisms", len(selection.criticisms))):
+        record_property(key, float(value))
     assert len(selection.prototypes) == min(20, survivors) >= 5 and len(selection.criticisms) == 20
     assert protos >= base + gap and crits <= base - gap
     picture = Image.open(io.BytesIO(gallery_png(images, selection, tile=48)))
@@ -164,7 +164,7 @@ def test_adversarial_criticism_uncovers_the_planted_colour(name: str, dataset: s
 
 
 @pytest.mark.parametrize("method", ["mmd", "probs", "random"])
-def test_other_selection_methods_run_on_a_demo_class(method: str, demo_model, stars) -> None:  # noqa: ANN001
+def test_other_selection_methods_run_on_a_demo_class(method: str, demo_model, stars, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model("shapes-resnet")
     star, images, magenta = stars
     inputs = gather_inputs(model, to_tensor(images), star, method)
@@ -172,4 +172,5 @@ def test_other_selection_methods_run_on_a_demo_class(method: str, demo_model, st
     chosen = [item.index for item in selection.prototypes + selection.criticisms]
     assert len(chosen) == len(set(chosen)) and len(selection.prototypes) >= 1
     shares = [magenta[[i.index for i in part]].mean() if part else float("nan") for part in (selection.prototypes, selection.criticisms)]
-    LOG.info(f"{method}: magenta share prototypes {shares[0]:.2f}, criticisms {shares[1]:.2f}")
+    record_property("magenta_prototypes", shares[0])
+    record_property("magenta_criticisms", shares[1])

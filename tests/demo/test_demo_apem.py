@@ -8,8 +8,6 @@ negatively with the loss.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -21,8 +19,6 @@ from handlers.visualization import to_stage
 from model_store.train import to_tensor
 
 GRID = {"step": 4, "max_steps": 500}
-
-LOG = logging.getLogger(__name__)
 
 
 def _correct(model, split, n: int = 8):  # noqa: ANN001, ANN202
@@ -40,32 +36,37 @@ def gradient_case(demo_model, shapes_split):  # noqa: ANN001, ANN201
     return model, x, y, maps
 
 
-def test_gradient_maps_beat_shuffled_maps_which_score_about_zero(gradient_case) -> None:  # noqa: ANN001
+def test_gradient_maps_beat_shuffled_maps_which_score_about_zero(gradient_case, record_property) -> None:  # noqa: ANN001
     model, x, y, maps = gradient_case
     gradient = apem(model, x, maps, labels=y, params=GRID)
     mixed = apem(model, x, shuffled(maps.unsqueeze(1), 1, seed=0)[:, 0], params=GRID)
     g, s = np.array(gradient.apem_per_image), np.array(mixed.apem_per_image)
-    LOG.info(f"APEM gradient mean {g.mean():.1f} median {np.median(g):.1f}; shuffled mean {s.mean():.1f} median {np.median(s):.1f}")
+    for key, value in (("apem_gradient_mean", g.mean()), ("apem_shuffled_mean", s.mean()),
+                       ("apem_shuffled_median", np.median(s))):
+        record_property(key, float(value))
     assert g.mean() > 3 * s.mean() and (g > s).sum() >= 6
     assert abs(np.median(s)) <= 0.2 * np.median(g)
     # thesis 003, section 5.4: higher APEM, lower loss
-    assert gradient.spearman is not None and gradient.spearman["rho"] < 0
-    LOG.info(f"Spearman(APEM, loss) = {gradient.spearman['rho']:.3f} (n={gradient.spearman['n']})")
+    assert gradient.spearman is not None
+    record_property("spearman_apem_loss", gradient.spearman["rho"])
+    assert gradient.spearman["rho"] < 0
 
 
-def test_apem_norm_of_the_gradient_is_positive(gradient_case) -> None:  # noqa: ANN001
+def test_apem_norm_of_the_gradient_is_positive(gradient_case, record_property) -> None:  # noqa: ANN001
     model, x, _, maps = gradient_case
     result = apem(model, x[:3], maps[:3], params={"step": 8, "max_steps": 250, "normalise": True, "shuffles": 10})
-    LOG.info(f"APEM_norm gradient = {result.apem_norm:.3f}")
-    assert result.apem_norm is not None and result.apem_norm > 0.2
+    assert result.apem_norm is not None
+    record_property("apem_norm", result.apem_norm)
+    assert result.apem_norm > 0.2
 
 
-def test_core_mask_beats_background_on_the_fair_model(demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_core_mask_beats_background_on_the_fair_model(demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model("shapes-resnet-fair")
     x, _, core = _correct(model, shapes_split("fair", "test"))
     on_core = apem(model, x, core.float(), params=GRID)
     on_background = apem(model, x, (~core).float(), params=GRID)
-    LOG.info(f"APEM core {on_core.apem:.1f} vs background {on_background.apem:.1f}")
+    record_property("apem_core", on_core.apem)
+    record_property("apem_background", on_background.apem)
     assert on_core.apem > on_background.apem
     assert sum(c > b for c, b in zip(on_core.apem_per_image, on_background.apem_per_image, strict=True)) >= 7
 
@@ -80,7 +81,7 @@ def test_exact_search_equals_the_sequential_scan_on_a_demo_model(gradient_case) 
 
 
 @pytest.mark.parametrize("name", ["shapes-resnet", "shapes-vgg"])
-def test_exact_search_proves_most_of_the_thesis_grid_and_still_equals_the_scan(name, demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_exact_search_proves_most_of_the_thesis_grid_and_still_equals_the_scan(name, demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     """On the thesis's integer grid the exact search evaluates a few points near each flip;
     margin bounds clear the rest (handlers/metrics/line_bounds.py), same answers."""
     model, _ = demo_model(name)
@@ -90,17 +91,19 @@ def test_exact_search_proves_most_of_the_thesis_grid_and_still_equals_the_scan(n
     exact = apem(model, x, maps, params=grid)
     sequential = apem(model, x, maps, params={**grid, "search": "sequential"})
     assert exact.eps_minus == sequential.eps_minus and exact.eps_plus == sequential.eps_plus
-    LOG.info(f"{name}: {exact.stats} vs sequential {sequential.stats.evaluations} evaluations")
+    record_property("proven_share", exact.stats.proven_points / sequential.stats.evaluations)
+    record_property("evaluations_exact_over_sequential", exact.stats.evaluations / sequential.stats.evaluations)
     assert exact.stats.proven_points > 0.9 * sequential.stats.evaluations
     assert exact.stats.evaluations * 5 < sequential.stats.evaluations
 
 
-def test_filter_on_a_demo_map_equals_the_literal_algorithm(gradient_case) -> None:  # noqa: ANN001
+def test_filter_on_a_demo_map_equals_the_literal_algorithm(gradient_case, record_property) -> None:  # noqa: ANN001
     model, x, _, maps = gradient_case
     params = {"levels": 6}
     fast = explanation_filter(model, x[1], maps[1], apem_params=GRID, params=params)
     literal = explanation_filter_literal(model, x[1], maps[1], apem_params=GRID, levels=6)
-    LOG.info(f"filter: APEM {fast.apem_before} -> {fast.apem_after}, kept {fast.fraction_kept:.3f}")
+    record_property("apem_before", fast.apem_before)
+    record_property("apem_after", fast.apem_after)
     assert torch.equal(fast.filtered, literal.filtered) and fast.apem_after == literal.apem_after
     assert fast.apem_after >= fast.apem_before
 

@@ -20,8 +20,6 @@ trained on, so only the biased model's pair (1.00 against 0.02) tells where it l
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -30,7 +28,6 @@ from handlers.explainers.neural_features import activation_maps, neural_features
 from handlers.metrics.feature_sensitivity import class_features, mask_sensitivity, noise_sensitivity
 from model_store.train import to_tensor
 
-LOG = logging.getLogger(__name__)
 CIRCLE = 0
 
 
@@ -58,12 +55,14 @@ def _shares(nams, masks):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("name", ["shapes-resnet", "shapes-resnet-fair"])
-def test_top_features_see_the_background_only_when_the_model_learned_it(name, demo_model, sky_circles) -> None:  # noqa: ANN001
+def test_top_features_see_the_background_only_when_the_model_learned_it(name, demo_model, sky_circles, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model(name)
     x, masks = sky_circles
     top, nams, accuracy = _audit(model, x)
     share = _shares(nams, masks)
-    LOG.info(f"{name}: features {top}, mask shares {share}, accuracy under noise {accuracy.tolist()}")
+    for key, value in (("sky_share", share["spurious"]), ("shape_share", share["core"]),
+                       ("noised_accuracy_min", accuracy.min().item()), ("noised_accuracy_max", accuracy.max().item())):
+        record_property(key, value)
     if name == "shapes-resnet":
         assert 0.58 <= share["spurious"] <= 0.72
         assert accuracy.min() >= 0.9
@@ -72,18 +71,19 @@ def test_top_features_see_the_background_only_when_the_model_learned_it(name, de
         assert accuracy.max() <= 0.5
 
 
-def test_the_biased_models_features_see_more_sky(demo_model, sky_circles) -> None:  # noqa: ANN001
+def test_the_biased_models_features_see_more_sky(demo_model, sky_circles, record_property) -> None:  # noqa: ANN001
     x, masks = sky_circles
     sky = {}
     for name in ("shapes-resnet", "shapes-resnet-fair"):
         _, nams, _ = _audit(demo_model(name)[0], x)
         sky[name] = _shares(nams, masks)["spurious"]
+        record_property(f"{name}_sky_share", sky[name])
     assert sky["shapes-resnet"] >= sky["shapes-resnet-fair"] + 0.05
 
 
 @pytest.mark.parametrize(("name", "core_corrupted", "spurious_corrupted"),
                          [("shapes-resnet", (0.95, 1.0), (0.0, 0.1)), ("shapes-resnet-fair", (0.4, 0.75), (0.0, 0.1))])
-def test_annotated_core_and_spurious_accuracy(name, core_corrupted, spurious_corrupted, demo_model, shapes_split) -> None:  # noqa: ANN001
+def test_annotated_core_and_spurious_accuracy(name, core_corrupted, spurious_corrupted, demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
     split = shapes_split("spurious", "test")
     chosen = [i for i, a in enumerate(split.attributes) if a["class_name"] == "square" and a["background"] == "grass"][:100]
     x, labels = to_tensor(split.images[chosen]), torch.from_numpy(split.labels[chosen])
@@ -94,7 +94,8 @@ def test_annotated_core_and_spurious_accuracy(name, core_corrupted, spurious_cor
         predictions, clean = mask_sensitivity(model, x, masks, list(range(len(chosen))), [0.25])
         assert (clean == labels).float().mean() >= 0.97
         accuracy[kind] = (predictions[0] == labels).float().mean().item()
-    LOG.info(f"{name}: accuracy with the core corrupted {accuracy['core']}, the grass {accuracy['spurious']}")
+    record_property("accuracy_core_corrupted", accuracy["core"])
+    record_property("accuracy_grass_corrupted", accuracy["spurious"])
     assert core_corrupted[0] <= accuracy["core"] <= core_corrupted[1]
     assert spurious_corrupted[0] <= accuracy["spurious"] <= spurious_corrupted[1]
 

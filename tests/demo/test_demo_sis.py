@@ -11,8 +11,6 @@ dilutes: their median subsets are 45 % (shapes-resnet) and 86 % (shapes-vgg) of 
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +19,6 @@ from handlers.explainers import explain
 from handlers.explainers.sis import show
 from model_store.train import to_tensor
 
-LOG = logging.getLogger(__name__)
 MINIMUM_SUBSET = {"shapes-resnet-fair": (0.0, 0.15), "shapes-resnet": (0.25, 1.0), "shapes-vgg": (0.4, 1.0)}
 
 
@@ -32,17 +29,18 @@ def first_test_images(shapes_split):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("name", sorted(MINIMUM_SUBSET))
-def test_subset_sizes_tell_the_fair_model_from_the_background_readers(name, demo_model, first_test_images) -> None:  # noqa: ANN001
+def test_subset_sizes_tell_the_fair_model_from_the_background_readers(name, demo_model, first_test_images, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model(name)
     x, y = first_test_images
     extras = explain(model, x, "sis", {}, targets=y).extras
     sizes = [f for f in extras["sis_fraction"] if f is not None]
-    LOG.info(f"{name}: median SIS {np.median(sizes):.3f} of the image, {len(sizes)} of {len(y)} images")
+    record_property("median_subset", float(np.median(sizes)))
+    record_property("share_with_a_subset", len(sizes) / len(y))
     low, high = MINIMUM_SUBSET[name]
     assert len(sizes) >= 0.9 * len(y) and low <= np.median(sizes) <= high
 
 
-def test_the_fair_model_is_confident_with_95_percent_masked(demo_model, first_test_images) -> None:  # noqa: ANN001
+def test_the_fair_model_is_confident_with_95_percent_masked(demo_model, first_test_images, record_property) -> None:  # noqa: ANN001
     model, _ = demo_model("shapes-resnet-fair")
     x, y = first_test_images
     result = explain(model, x, "sis", {}, targets=y)
@@ -56,7 +54,8 @@ def test_the_fair_model_is_confident_with_95_percent_masked(demo_model, first_te
     random_confidence = random_kept.gather(1, y[:, None])[:, 0].median().item()
     selected = float(np.median(extras["kept_confidence"]))
     confident = float(np.mean(extras["confident_when_kept"]))
-    LOG.info(f"5% kept: median {selected:.3f} (random 5%: {random_confidence:.3f}); confident {confident:.2f}")
+    for key, value in (("kept_confidence", selected), ("random_kept_confidence", random_confidence), ("confident_share", confident)):
+        record_property(key, value)
     assert extras["kept_fraction"][0] == pytest.approx(0.05, abs=1 / 4096)
     assert selected >= 0.5 and selected >= 4 * random_confidence
     assert confident >= 0.25

@@ -80,20 +80,22 @@ CORE_METHODS = [
 
 
 @pytest.mark.parametrize(("name", "params", "factor"), CORE_METHODS)
-def test_relevance_concentrates_on_the_object_for_the_fair_model(name, params, factor, demo_model, fair_images) -> None:
+def test_relevance_concentrates_on_the_object_for_the_fair_model(name, params, factor, demo_model, fair_images, record_property) -> None:
     torch.set_num_threads(2)
     model, _ = demo_model("shapes-resnet-fair")
     images, labels, split = fair_images
     result = explain(model, images, name, params, labels)
     shares = _share(_mass(name, result.relevance), split.core_masks)
     mask_share = split.core_masks.mean((1, 2))
+    record_property("core_share", float(shares.mean()))
+    record_property("core_share_over_mask_share", float(shares.mean() / mask_share.mean()))
     measured = f"{name}: core share {shares.mean():.3f} (mask {mask_share.mean():.3f})"
     assert (shares > mask_share).all(), measured
     assert shares.mean() >= factor * mask_share.mean(), measured
 
 
 @pytest.mark.parametrize(("name", "params"), [("lrp", {}), ("lime", {"n": 500}), ("gradcam", {})])
-def test_relevance_shifts_to_the_planted_background(name, params, demo_model, planted_images) -> None:
+def test_relevance_shifts_to_the_planted_background(name, params, demo_model, planted_images, record_property) -> None:
     torch.set_num_threads(2)
     images, swapped, labels, split = planted_images
     biased, _ = demo_model("shapes-resnet")
@@ -102,6 +104,9 @@ def test_relevance_shifts_to_the_planted_background(name, params, demo_model, pl
     on_biased = _share(_mass(name, explain(biased, images, name, params, labels).relevance), background).mean()
     on_fair = _share(_mass(name, explain(fair, images, name, params, labels).relevance), background).mean()
     on_swapped = _share(_mass(name, explain(biased, swapped, name, params, labels).relevance), background).mean()
+    for key, value in (("background_share_biased", on_biased), ("background_share_fair", on_fair),
+                       ("background_share_swapped", on_swapped)):
+        record_property(key, float(value))
     measured = f"{name}: background share biased {on_biased:.3f}, fair {on_fair:.3f}, swapped {on_swapped:.3f}"
     assert on_biased >= on_fair + 0.1, measured
     assert on_biased >= on_swapped + 0.1, measured
@@ -140,7 +145,7 @@ def test_lrp_conservation_on_the_demo_models(name: str, demo_model, fair_images)
         np.testing.assert_allclose(result.relevance.sum((1, 2, 3)).numpy(), result.extras["relevance_sum"], rtol=1e-4, atol=1e-5)
 
 
-def test_randomised_weights_change_the_gradient(demo_model, fair_images) -> None:
+def test_randomised_weights_change_the_gradient(demo_model, fair_images, record_property) -> None:
     """Model-parameter randomisation test (Adebayo et al. 2018, section 3.1)."""
     torch.set_num_threads(2)
     model, spec = demo_model("shapes-resnet-fair")
@@ -152,6 +157,8 @@ def test_randomised_weights_change_the_gradient(demo_model, fair_images) -> None
     signed = [spearmanr(a.flatten(), b.flatten()).statistic for a, b in zip(trained, randomised, strict=True)]
     absolute = [spearmanr(a.abs().sum(0).flatten(), b.abs().sum(0).flatten()).statistic
                 for a, b in zip(trained, randomised, strict=True)]
+    record_property("signed_rank_correlation", float(np.mean(signed)))
+    record_property("absolute_rank_correlation", float(np.mean(absolute)))
     measured = f"signed rank correlation {np.mean(signed):.3f}, absolute {np.mean(absolute):.3f}"
     assert abs(np.mean(signed)) < 0.05 and np.max(np.abs(signed)) < 0.1, measured
     assert np.mean(absolute) < 0.5, measured

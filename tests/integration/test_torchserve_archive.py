@@ -122,8 +122,8 @@ def short_timeout_torchserve(tmp_path_factory: pytest.TempPathFactory):
     from model_store import paths
     from model_store.build import archive, ensure_demo_archives, model_config
 
-    ensure_demo_archives()  # trains the demo models if needed
-    demo = paths.WEIGHTS_DIR / "shapes-resnet"
+    ensure_demo_archives()
+    demo = paths.DEMO_WEIGHTS_DIR / "shapes-resnet"
     model_dir = tmp_path_factory.mktemp("model") / "short-timeout"
     model_dir.mkdir()
     spec = ModelSpec.model_validate_json((demo / SPEC_FILE).read_text()).model_copy(update={"name": "short-timeout"})

@@ -39,6 +39,31 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path: Path) -> 
     assert _digest(a) != _digest(c)
 
 
+def test_the_same_bytes_without_the_wider_simd_kernels(tmp_path: Path) -> None:
+    """The shipped demo weights are only the models their claims were measured on if every
+    machine renders the same data: numpy with its widest kernels switched off one level at a
+    time (on an AVX-512 CPU: as on an AMD EPYC with AVX2 only, then its baseline) renders
+    the same bytes as with every kernel this CPU has."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    here = generate(ShapesConfig(sizes=SMALL), tmp_path / "here")
+    script = "import sys; from pathlib import Path; from model_store.shapes import ShapesConfig, generate; " \
+             f"generate(ShapesConfig(sizes={SMALL!r}), Path(sys.argv[1]))"
+    available = [feature for feature in __cpu_dispatch__ if __cpu_features__.get(feature)]
+    if not available:
+        pytest.skip("numpy dispatches no wider kernel on this CPU")
+    for level in range(len(available)):
+        disabled = " ".join(available[level:])
+        out = tmp_path / f"without-{level}"
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+        assert _digest(out) == _digest(here), disabled
+
+
 def test_imagefolder_layout_and_metadata(tmp_path: Path) -> None:
     root = generate(ShapesConfig(sizes=SMALL), tmp_path / "d")
     split = load_split(root, "test")
