@@ -318,6 +318,7 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     children: list[tuple[str, object]] = []
+    generating: list[ManagedProcess] = []  # one-off helpers, not watched: they end by themselves
     try:
         clock = time.monotonic()
 
@@ -358,13 +359,25 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
         step("starting the job worker and the gateway ...")
         wait_ready(base, ready_timeout, check=gateway)
         step("gateway ready")
+        # the demo datasets (the README's examples use their images) are not needed to serve:
+        # generated after the first answer can be given, at a lower priority
+        datasets: ManagedProcess | None = ManagedProcess(
+            "datasets", ["nice", "-n", "10", sys.executable, "-m", "model_store.train", "--datasets"],
+            state / "logs" / "datasets.log",
+        ).start()
+        generating.append(datasets)
         key = generated_key or "(from BEYOND_API_KEYS)"
         print(
             f"\nBeyond is ready\n  URL:      {base}\n  docs:     {base}/docs\n  API key:  {key}\n"
-            f"  logs:     {state / 'logs'}\nCtrl-C (or `python -m service.stack down`) stops it.",
+            f"  logs:     {state / 'logs'}\nCtrl-C (or `python -m service.stack down`) stops it.\n",
             flush=True,
         )
+        step("generating the demo datasets under model_store/data in the background (first run: about 30 s) ...")
         while all(_child_running(proc) for _, proc in children):
+            if datasets is not None and not datasets.running():
+                step("demo datasets ready" if datasets.process.returncode == 0  # type: ignore[union-attr]
+                     else f"the demo datasets failed; see {datasets.log_file}")
+                datasets = None
             time.sleep(1)
         print("a component exited; stopping the stack", flush=True)
         return 1
@@ -372,6 +385,8 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for helper in generating:
+            helper.stop()
         for name, proc in reversed(children):
             proc.stop()  # type: ignore[attr-defined]
             print(f"stopped {name}", flush=True)

@@ -1,21 +1,22 @@
 """The spurious-feature audit on the demo models against ground truth (paper 002, section 5).
 
 Circles of the biased split carry the planted ``sky`` background 95% of the time. On 100
-test circles on sky (measured): the top-5 features of ``shapes-resnet`` (trained with the
-planted backgrounds) put 0.64 of their activation maps' mass on the sky and 0.36 on the
-shape (13% of the image); those of ``shapes-resnet-fair`` put 0.46 on the shape. Gaussian
-noise at sigma 0.25 over one top feature's region leaves the biased model's circle accuracy
-at 1.00 for each of its five features, and takes the fair model's to 0.17-0.33: the fair
-model's circles rest on the shape's outline, which the noise breaks; the biased model's on
-the sky's colour, which zero-mean noise keeps (why the paper corrupts with noise rather than
-blacking out, section 5).
+test circles on sky, over training seeds 0-2 (``docs/seeds.md``): the top-5 features of
+``shapes-resnet`` (trained with the planted backgrounds) put 0.68-0.80 of their activation
+maps' mass on the sky (13% of the image is the shape); those of ``shapes-resnet-fair`` put
+0.45-0.52 on the shape. Gaussian noise at sigma 0.25 over one top feature's region leaves
+the biased model's circle accuracy at 0.62-1.00, and takes the fair model's to 0.09-0.66:
+the fair model's circles rest on the shape's outline, which the noise breaks; the biased
+model's on the sky's colour, which zero-mean noise keeps (why the paper corrupts with noise
+rather than blacking out, section 5).
 
 With the ground-truth masks as annotations (definition 2), on 100 test squares on the
 planted grass at sigma 0.25: ``shapes-resnet`` keeps 1.00 with its shape corrupted
-(spurious accuracy) and 0.02 with the grass corrupted (core accuracy): it reads the grass,
-not the square. ``shapes-resnet-fair`` drops to 0.57 with the shape corrupted, and to 0.00
-with the grass corrupted too: noise over 87% of the image is far from anything it was
-trained on, so only the biased model's pair (1.00 against 0.02) tells where it looks.
+(spurious accuracy) at every seed; with the grass corrupted (core accuracy) 0.15, 0.96 and
+0.66 at seeds 0, 1 and 2, so whether noise over the grass defeats it depends on the
+training run. ``shapes-resnet-fair`` drops to 0.21-0.74 with the shape corrupted, and to
+0.00 with the grass corrupted too: noise over 87% of the image is far from anything it was
+trained on.
 """
 
 from __future__ import annotations
@@ -64,40 +65,47 @@ def test_top_features_see_the_background_only_when_the_model_learned_it(name, de
                        ("noised_accuracy_min", accuracy.min().item()), ("noised_accuracy_max", accuracy.max().item())):
         record_property(key, value)
     if name == "shapes-resnet":
-        assert 0.58 <= share["spurious"] <= 0.72
-        assert accuracy.min() >= 0.9
+        assert share["spurious"] >= 0.58
     else:
         assert share["core"] >= 0.4
-        assert accuracy.max() <= 0.5
 
 
-def test_the_biased_models_features_see_more_sky(demo_model, sky_circles, record_property) -> None:  # noqa: ANN001
+def test_the_biased_models_features_see_more_sky_and_survive_noise(demo_model, sky_circles, record_property) -> None:  # noqa: ANN001
+    """Over seeds 0-2 (docs/seeds.md) the biased model's top features put 0.68-0.80 of their
+    mass on the sky, the fair model's 0.48-0.55; noise over any one of the biased model's
+    top features leaves its circles at 0.62-1.00, over the fair model's at most 0.23-0.66:
+    the least robust biased feature beats the most robust fair one at every seed."""
     x, masks = sky_circles
-    sky = {}
+    sky, accuracy = {}, {}
     for name in ("shapes-resnet", "shapes-resnet-fair"):
-        _, nams, _ = _audit(demo_model(name)[0], x)
+        _, nams, accuracy[name] = _audit(demo_model(name)[0], x)
         sky[name] = _shares(nams, masks)["spurious"]
         record_property(f"{name}_sky_share", sky[name])
     assert sky["shapes-resnet"] >= sky["shapes-resnet-fair"] + 0.05
+    assert accuracy["shapes-resnet"].min() > accuracy["shapes-resnet-fair"].max()
 
 
-@pytest.mark.parametrize(("name", "core_corrupted", "spurious_corrupted"),
-                         [("shapes-resnet", (0.95, 1.0), (0.0, 0.1)), ("shapes-resnet-fair", (0.4, 0.75), (0.0, 0.1))])
-def test_annotated_core_and_spurious_accuracy(name, core_corrupted, spurious_corrupted, demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
+def test_annotated_core_and_spurious_accuracy(demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
+    """Definition 2 with the ground-truth masks, sigma 0.25, 100 test squares on the planted
+    grass. At every seed 0-2 (docs/seeds.md) the biased model keeps 1.00 with the square
+    corrupted (spurious accuracy), the fair model 0.21-0.74, and the fair model 0.00 with the
+    grass corrupted. The biased model's accuracy with the grass corrupted (core accuracy)
+    depends on the training run, 0.15-0.96: recorded, not asserted."""
     split = shapes_split("spurious", "test")
     chosen = [i for i, a in enumerate(split.attributes) if a["class_name"] == "square" and a["background"] == "grass"][:100]
     x, labels = to_tensor(split.images[chosen]), torch.from_numpy(split.labels[chosen])
-    model, _ = demo_model(name)
     accuracy = {}
-    for kind in ("core", "spurious"):
-        masks = torch.from_numpy(getattr(split, f"{kind}_masks")[chosen].astype(np.float32))
-        predictions, clean = mask_sensitivity(model, x, masks, list(range(len(chosen))), [0.25])
-        assert (clean == labels).float().mean() >= 0.97
-        accuracy[kind] = (predictions[0] == labels).float().mean().item()
-    record_property("accuracy_core_corrupted", accuracy["core"])
-    record_property("accuracy_grass_corrupted", accuracy["spurious"])
-    assert core_corrupted[0] <= accuracy["core"] <= core_corrupted[1]
-    assert spurious_corrupted[0] <= accuracy["spurious"] <= spurious_corrupted[1]
+    for name in ("shapes-resnet", "shapes-resnet-fair"):
+        model, _ = demo_model(name)
+        for kind in ("core", "spurious"):
+            masks = torch.from_numpy(getattr(split, f"{kind}_masks")[chosen].astype(np.float32))
+            predictions, clean = mask_sensitivity(model, x, masks, list(range(len(chosen))), [0.25])
+            assert (clean == labels).float().mean() >= 0.97
+            accuracy[name, kind] = (predictions[0] == labels).float().mean().item()
+            record_property(f"{name}_accuracy_{'square' if kind == 'core' else 'grass'}_corrupted", accuracy[name, kind])
+    assert accuracy["shapes-resnet", "core"] >= 0.95
+    assert accuracy["shapes-resnet-fair", "core"] <= accuracy["shapes-resnet", "core"] - 0.2
+    assert accuracy["shapes-resnet-fair", "spurious"] <= 0.1
 
 
 def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> None:  # noqa: ANN001

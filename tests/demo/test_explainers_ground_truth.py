@@ -1,20 +1,21 @@
 """Explainers on the trained demo models: references, conservation and ground truth.
 
-Measured on the first 24 test images (numbers below are from the committed demo models,
-2 CPU threads; they are deterministic):
+Measured on the first 24 test images (2 CPU threads), over training seeds 0-2
+(``docs/seeds.md``; the shipped weights are seed 0):
 
 * fair model, share of relevance mass inside the core (object) mask, whose own share of
-  the image is 0.131: gradient 0.271, SmoothGrad (n=50) 0.246, LRP-epsilon 0.801,
-  LIME (n=500, positive weights) 0.813 - above the mask's share on every single image.
+  the image is 0.131: gradient 0.27-0.33, SmoothGrad (n=50) 0.20-0.26, LRP-epsilon
+  0.73-0.82, LIME (n=500, positive weights) 0.78-0.80, above the mask's share on at least
+  80 % of the images.
 * shapes-resnet on planted-class images on their planted background (the background is
   0.862 of the image), share of relevance on the background, biased model vs fair model
   (vs the biased model on the same shapes with the background swapped): LRP-epsilon
-  0.374 vs 0.184 (0.212), LIME 0.395 vs 0.175 (0.126), Grad-CAM 0.780 vs 0.648 (0.576).
-  Gradient (0.719 vs 0.716) and SmoothGrad (0.778 vs 0.734, but 0.868 swapped) do not
-  show the shift: their mass follows the background texture for any model.
+  0.32-0.47 vs 0.16-0.26 (0.18-0.29), LIME 0.33-0.39 vs 0.17-0.21 (0.10-0.14), Grad-CAM
+  0.79-0.84 vs 0.59-0.66 (0.41-0.58). Gradient and SmoothGrad do not show the shift:
+  their mass follows the background texture for any model.
 * Randomised weights (Adebayo et al. 2018): Spearman correlation of the signed gradient
-  with the trained model's, mean -0.001, max |0.028|; of |gradient| summed over channels
-  (stage 2) 0.23, the image structure every ReLU network's gradient keeps.
+  with the trained model's, mean -0.002-0.005; of |gradient| summed over channels (stage 2)
+  0.20-0.25, the image structure every ReLU network's gradient keeps.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def planted_images(shapes_split):
 
 CORE_METHODS = [
     ("gradient", {}, 1.7),
-    ("smoothgrad", {"n": 50}, 1.6),
+    ("smoothgrad", {"n": 50}, 1.4),
     ("lrp", {}, 4.0),
     ("lime", {"n": 500}, 4.0),
 ]
@@ -89,8 +90,9 @@ def test_relevance_concentrates_on_the_object_for_the_fair_model(name, params, f
     mask_share = split.core_masks.mean((1, 2))
     record_property("core_share", float(shares.mean()))
     record_property("core_share_over_mask_share", float(shares.mean() / mask_share.mean()))
+    record_property("images_above_the_mask_share", float((shares > mask_share).mean()))
     measured = f"{name}: core share {shares.mean():.3f} (mask {mask_share.mean():.3f})"
-    assert (shares > mask_share).all(), measured
+    assert (shares > mask_share).mean() >= 0.8, measured
     assert shares.mean() >= factor * mask_share.mean(), measured
 
 
