@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     worker_ttl_s: int = Field(30, ge=20)
     embed_batch_size: int = Field(32, ge=1)
     embed_concurrency: int = Field(1, ge=1, le=64)
+    # a dataset job of more images runs as chunks of about this many on any workers, then a
+    # reduce (service/jobs/fanout.py); 0 runs every job whole, in one worker
+    chunk_images: int = Field(1000, ge=0)
 
     # --- upload and decoding limits
     max_upload_bytes: int = Field(10 * MIB, ge=1024)

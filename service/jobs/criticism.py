@@ -8,6 +8,10 @@ method's parameters plus three job-level keys: ``attack`` and ``attack_params`` 
 ``robustness`` call of ``adversarial``) and ``class_index`` (when the class name is not
 one of the model's labels). ``m`` is the number of criticisms.
 
+A class larger than ``BEYOND_CHUNK_IMAGES`` is gathered in chunks, by any workers
+(:mod:`service.jobs.fanout`), and :func:`join_inputs` joins their inputs for the selection,
+which needs every image.
+
 The batches go to TorchServe ``BEYOND_EMBED_CONCURRENCY`` at a time. The default, 1, leaves
 the model's other TorchServe worker to interactive requests; 2 on the demo archives (two
 workers) made criticism of 2,000 images 1.3-1.45x faster (adversarial 15.4-16.5 -> 10.9-11.9 s)
@@ -23,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from handlers.contract import (
     DescribeResult,
@@ -36,7 +41,7 @@ from service.jobs.calls import in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 if TYPE_CHECKING:  # the selection library is imported lazily (first criticism job)
-    from handlers.criticism.methods import Selection, SelectionInputs
+    from handlers.criticism.methods import SelectedItem, Selection, SelectionInputs
 
 JOB_KEYS = ("attack", "attack_params", "class_index")
 
@@ -100,12 +105,13 @@ def gather_inputs(
     batch_size: int,
     progress: Callable[[float], None],
     concurrency: int = 1,
-) -> SelectionInputs:
-    from handlers.criticism.methods import SelectionInputs
-
+) -> dict[str, Any]:
+    """What the method needs of ``images`` as TorchServe answered it (float32 embeddings and
+    class probabilities, steps to flip and robustness; only a count for ``random``): the
+    inputs of one chunk, which :func:`join_inputs` joins with the others'."""
     n = len(images)
     if method == "random":
-        return SelectionInputs(count=n)
+        return {"count": n}
 
     def fetch(readers: Sequence[Callable[[], bytes]]) -> RobustnessResult | EmbedResult:
         batch = [base64.b64encode(read()).decode() for read in readers]
@@ -126,12 +132,31 @@ def gather_inputs(
         elif method == "probs":
             confidence.append(decode_array(result.probabilities)[:, target])
         else:
-            embeddings.append(decode_array(result.embeddings).astype(np.float64))
+            embeddings.append(decode_array(result.embeddings))
+    return {
+        "embeddings": np.concatenate(embeddings) if embeddings else None,
+        "confidence": np.concatenate(confidence) if confidence else None,
+        "steps_to_flip": np.asarray(steps, dtype=np.int64) if steps else None,
+        "robustness": np.asarray(robustness, dtype=np.float64) if len(robustness) == len(steps) and steps else None,
+    }
+
+
+def join_inputs(parts: list[dict[str, Any]]) -> SelectionInputs:
+    """The selection's inputs from the :func:`gather_inputs` of consecutive image runs: each
+    array joined (in float64 for the selection maths), absent if any run lacks it."""
+    from handlers.criticism.methods import SelectionInputs
+
+    def joined(key: str, dtype: type) -> np.ndarray | None:
+        values = [part.get(key) for part in parts]
+        return None if any(v is None for v in values) else np.concatenate(values).astype(dtype)
+
+    counts = [part.get("count") for part in parts]
     return SelectionInputs(
-        embeddings=np.concatenate(embeddings) if embeddings else None,
-        confidence=np.concatenate(confidence).astype(np.float64) if confidence else None,
-        steps_to_flip=np.asarray(steps, dtype=np.int64) if steps else None,
-        robustness=np.asarray(robustness, dtype=np.float64) if len(robustness) == len(steps) and steps else None,
+        embeddings=joined("embeddings", np.float64),
+        confidence=joined("confidence", np.float64),
+        steps_to_flip=joined("steps_to_flip", np.int64),
+        robustness=joined("robustness", np.float64),
+        count=None if None in counts else sum(counts),
     )
 
 
@@ -141,3 +166,28 @@ def run_selection(
     from handlers.criticism.methods import get_selection
 
     return get_selection(method).select(inputs, selection_params(params, m, inputs.n))
+
+
+def selected_items(selected: Sequence[SelectedItem], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chosen examples as the result lists them: rank, file, hash and score."""
+    return [
+        {
+            "rank": rank,
+            "file": candidates[item.index]["file"],
+            "sha256": candidates[item.index]["sha256"],
+            "score": item.score,
+        }
+        for rank, item in enumerate(selected, start=1)
+    ]
+
+
+def selection_gallery(read: Callable[[str], bytes], candidates: list[dict[str, Any]], selection: Selection) -> str:
+    """Prototypes row over criticisms row (paper 000, figures 7-8), base64 PNG."""
+    from handlers.criticism import gallery_png
+
+    chosen = {item.index for item in [*selection.prototypes, *selection.criticisms]}
+    images = {}
+    for index in chosen:
+        with Image.open(io.BytesIO(read(candidates[index]["sha256"]))) as img:
+            images[index] = np.asarray(img.convert("RGB"))
+    return base64.b64encode(gallery_png(images, selection)).decode("ascii")

@@ -54,7 +54,7 @@ def score_subsets(
     """
     groups: dict[tuple[str, ...], list[int]] = {}
     for index, item in enumerate(images):
-        groups.setdefault(tuple(k for k in MASK_KINDS if k in item.get("masks", {})), []).append(index)
+        groups.setdefault(mask_kinds(item), []).append(index)
     rows: list[dict[str, Any]] = [{} for _ in images]
     params: dict[str, Any] = {}
     done = 0
@@ -82,6 +82,20 @@ def score_subsets(
                 rows[i] = _row(images[i], labels[i], result, j)
         done += len(indices)
     return params, rows
+
+
+def mask_kinds(item: dict[str, Any]) -> tuple[str, ...]:
+    """The region masks an image was uploaded with: the group :func:`score_subsets` sends it in."""
+    return tuple(kind for kind in MASK_KINDS if kind in item.get("masks", {}))
+
+
+def in_call_order(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``images`` in the order :func:`score_subsets` sends them: grouped by their region
+    masks, groups in the order of their first image."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for item in images:
+        groups.setdefault(mask_kinds(item), []).append(item)
+    return [item for group in groups.values() for item in group]
 
 
 def images_per_call(params: dict[str, Any]) -> int:

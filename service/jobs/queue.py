@@ -1,8 +1,12 @@
-"""Enqueueing jobs and reading their state (used by the gateway; JSON serializer only).
+"""Enqueueing jobs, reading their state and cancelling them (used by the gateway; JSON
+serializer only).
 
 Every job carries ``meta = {"type", "progress", "error"}``, the configured result and
 failure TTLs, a timeout and an RQ ``Retry``. A marker key outlives the job by
 ``expired_marker_ttl_s`` so that a job whose result TTL has passed answers 410, not 404.
+A job that fanned out (:mod:`service.jobs.fanout`) is its reduce job, whose
+``meta["chunks"]`` lists its chunk jobs (``id``, ``start``, ``stop``): until the reduce
+runs, its status and progress are its chunks', and cancelling it cancels them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue, Retry
+from rq.command import send_stop_job_command
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from service.errors import ApiError
@@ -43,6 +49,8 @@ _STATES = {
     JobStatus.STOPPED: "canceled",
     JobStatus.CANCELED: "canceled",
 }
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+NOT_BEGUN = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.CREATED)
 
 
 def get_queue(redis: Redis, settings: Settings) -> Queue:
@@ -58,8 +66,11 @@ def enqueue(
     function: str | None = None,
     timeout_s: int | None = None,
     retries: int | None = None,
+    depends_on: Dependency | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Job:
-    """Enqueue ``function`` (default: the job type's) with ``spec`` as its one argument."""
+    """Enqueue ``function`` (default: the job type's) with ``spec`` as its one argument,
+    after the jobs of ``depends_on``; ``meta`` adds to the job's meta."""
     retries = settings.job_retries if retries is None else retries
     retry = (
         Retry(max=retries, interval=settings.job_retry_intervals_s or 0) if retries > 0 else None
@@ -71,11 +82,13 @@ def enqueue(
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.failure_ttl_s,
         retry=retry,
+        depends_on=depends_on,
         meta={
             "type": job_type,
             "progress": 0.0,
             "error": None,
             "timeout_s": timeout_s or settings.job_timeout_s,
+            **(meta or {}),
         },
         description=f"{job_type} job",
         job_id=uuid.uuid4().hex,
@@ -134,10 +147,36 @@ class JobView:
     ended_at: datetime | None
 
 
+def chunks_of(job: Job) -> list[Job | None]:
+    """The chunk jobs of a job that fanned out, in order (None for one that has expired);
+    none for a job that runs whole."""
+    listed = job.meta.get("chunks") or []
+    return Job.fetch_many([c["id"] for c in listed], connection=job.connection, serializer=JSONSerializer)
+
+
+def _chunked(job: Job) -> tuple[float, bool]:
+    """A fanned-out job's progress, its chunks' weighted by their image counts, and whether
+    any chunk has begun (run, or ended)."""
+    done, total, begun = 0.0, 0, False
+    for entry, chunk in zip(job.meta["chunks"], chunks_of(job), strict=True):
+        size = entry["stop"] - entry["start"]
+        total += size
+        if chunk is None:
+            continue
+        state = chunk.get_status(refresh=False)
+        begun = begun or state not in NOT_BEGUN
+        done += size * (1.0 if state == JobStatus.FINISHED else float(chunk.meta.get("progress") or 0.0))
+    return done / max(1, total), begun
+
+
 def view(job: Job) -> JobView:
     status = _STATES.get(job.get_status(refresh=True), "queued")
     job.get_meta(refresh=True)
-    progress = 1.0 if status == "finished" else float(job.meta.get("progress") or 0.0)
+    progress = float(job.meta.get("progress") or 0.0)
+    if job.meta.get("chunks") and status != "finished":
+        progress, begun = _chunked(job)
+        status = "started" if status == "queued" and begun else status
+    progress = 1.0 if status == "finished" else progress
     error = failure_reason(job) if status in ("failed", "canceled") else None
     return JobView(
         job_id=job.id,
@@ -148,3 +187,29 @@ def view(job: Job) -> JobView:
         created_at=job.created_at,
         ended_at=job.ended_at if status in ("finished", "failed", "canceled") else None,
     )
+
+
+def cancel(redis: Redis, job: Job) -> None:
+    """Stop ``job`` where it runs, else cancel it; then each chunk of a fanned-out job the
+    same way (its reduce first, so that a chunk ending meanwhile cannot start it)."""
+    for each in [job, *(chunk for chunk in chunks_of(job) if chunk is not None)]:
+        state = each.get_status(refresh=True)
+        if state in ENDED:
+            continue
+        if state == JobStatus.STARTED:
+            try:
+                send_stop_job_command(redis, each.id, serializer=JSONSerializer)
+                continue
+            except Exception:  # not running after all (it ended, or its worker is gone)
+                pass
+        each.cancel()
+
+
+def expire_chunks(redis: Redis, chunks: list[Job], ttl_s: int) -> None:
+    """Let a reduce's chunk jobs and their parts (the bulk of a job's data in Redis) expire
+    after ``ttl_s`` instead of the result TTL."""
+    with redis.pipeline() as pipeline:
+        for chunk in chunks:
+            chunk.cleanup(ttl_s, pipeline=pipeline)
+            pipeline.expire(Result.get_key(chunk.id), ttl_s)
+        pipeline.execute()

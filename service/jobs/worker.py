@@ -20,6 +20,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from service.gateway.metrics import OUTCOMES_KEY
+from service.jobs import tasks  # noqa: F401 - imported once here: each forked work horse inherits the job functions
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("beyond.worker")

@@ -1,4 +1,5 @@
-"""A tiny HTTP stand-in for TorchServe speaking the contract (unit tests only).
+"""A tiny HTTP stand-in for TorchServe speaking the contract (unit tests; and, with a delay
+per answer, the latency-bound model server of ``benchmarks.scale``).
 
 It checks the bearer token, parses every request with the contract's ``TaskRequest`` and
 answers canned ``*Result`` bodies; ``state.mode`` switches it to 503 (busy), a handler
@@ -49,6 +50,8 @@ class State:
     filter_calls_out_of_time = 0  # filter calls that answer stop="time_limit" (a partial map)
     filter_values_removed = 2  # per filter call
     most_images: int | None = None  # calls with more images answer 422 time_limit
+    refused: str | None = None  # calls carrying this (base64) image answer 400 invalid_image
+    delay_s = 0.0  # every answer waits this long first (asyncio.sleep: latency, no CPU; benchmarks.scale)
     release = threading.Event()
     waiting = 0
 
@@ -254,6 +257,7 @@ async def predictions(request: Request) -> JSONResponse:
         )
     if State.mode == "hang":
         await asyncio.sleep(30)
+    await asyncio.sleep(State.delay_s)
     if model not in ("shapes-resnet", "shapes-vgg"):
         return JSONResponse({"code": 404, "type": "ModelNotFoundException", "message": "no"}, 404)
     body = await request.body()
@@ -268,6 +272,8 @@ async def predictions(request: Request) -> JSONResponse:
         State.waiting += 1
         while not State.release.is_set():
             await asyncio.sleep(0.005)
+    if State.refused is not None and State.refused in getattr(req, "images", []):
+        return JSONResponse({"error": {"code": "invalid_image", "message": "the image is unreadable"}}, 400)
     if State.most_images is not None and len(getattr(req, "images", [])) > State.most_images:
         message = "the APEM flip search did not finish within the 540 s this call may work: ..."
         return JSONResponse({"error": {"code": "time_limit", "message": message}}, 422)

@@ -8,9 +8,6 @@ import binascii
 from typing import Any
 
 from fastapi import APIRouter, Request, status
-from rq.command import send_stop_job_command
-from rq.job import JobStatus
-from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from handlers.metrics.params import ApemParams, FilterParams, SisParams
@@ -31,6 +28,7 @@ from service.gateway.schemas import (
     OverinterpretationJobRequest,
 )
 from service.imaging import decode_image
+from service.jobs import fanout, tasks  # noqa: F401 - tasks registers how each dataset job splits
 from service.jobs import queue as jobq
 from service.jobs.audit import MAX_OVERLAYS
 from service.jobs.criticism import check_params
@@ -142,7 +140,7 @@ async def create_job(
 ) -> JobAccepted:
     spec = await _check(body, registry, settings)
     queue = jobq.get_queue(request.app.state.redis, settings)
-    job = await run_in_threadpool(jobq.enqueue, queue, settings, body.type, spec)
+    job = await run_in_threadpool(fanout.submit, queue, settings, body.type, spec)
     return JobAccepted(
         job_id=job.id, status_url=str(request.url_for("get_job", job_id=job.id).path)
     )
@@ -183,14 +181,7 @@ def cancel_job(
 ) -> JobStatusResponse:
     redis = request.app.state.redis
     job = jobq.fetch(redis, settings, job_id)
-    current = job.get_status(refresh=True)
-    if current in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+    if job.get_status(refresh=True) in jobq.ENDED:
         raise ApiError(409, "job_ended", f"the job has already ended ({jobq.view(job).status})")
-    if current == JobStatus.STARTED:
-        try:
-            send_stop_job_command(redis, job.id, serializer=JSONSerializer)
-        except Exception:
-            job.cancel()
-    else:
-        job.cancel()
+    jobq.cancel(redis, job)
     return JobStatusResponse(**jobq.view(job).__dict__)
