@@ -75,9 +75,13 @@ def test_the_bound_holds_on_every_point_of_the_segment(name: str, folded: bool) 
     if folded:
         network = frozen_copy(network)
     bound, least = _bound_and_least_margin(network, 8 if "tiny" in name else 32, scale=1e-3)
-    assert torch.all(least >= bound - 1e-4), (least, bound)
+    # float32 rounding: the bound's batch and the points' batch take other kernels (how many
+    # threads a test before this one left, which kernels the CPU has), and over a ResNet-50
+    # the same margin comes out up to about 1e-4 of (1 + |margin|) apart
+    slack = 2e-4 * (1 + least.abs())
+    assert torch.all(least >= bound - slack), (least, bound)
     # a segment of length zero is a point: the bound is its margin
-    assert float(bound[0]) == pytest.approx(float(least[0]), abs=1e-4)
+    assert float(bound[0]) == pytest.approx(float(least[0]), abs=float(slack[0]))
 
 
 @pytest.mark.parametrize("name", ["tiny cnn with batch norm (not folded)", "shapes_resnet", "shapes_vgg"])
