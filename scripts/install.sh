@@ -61,7 +61,7 @@ fi
 # a stamp per level, redone when the project's dependencies change
 stamp=.venv/.beyond-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
-    step "installing the Python packages into .venv (torch, TorchServe, the service; first run: about 2 minutes) ..."
+    step "installing the Python packages into .venv (torch, TorchServe, the service; first run: about a minute) ..."
     .venv/bin/pip install -q --upgrade pip
     # what we ship is pinned by requirements.lock (make lock); --no-compile: byte-compiling
     # every module of torch and its CUDA libraries up front costs a third of the install,
