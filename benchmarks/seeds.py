@@ -111,10 +111,15 @@ def claims_table(claims: dict[str, Claim], seeds: list[int]) -> list[str]:
     return lines
 
 
+def _metrics(weights: dict[int, Path], seeds: list[int], name: str) -> dict[int, dict[str, float]]:
+    """What training wrote into demo model ``name``'s spec, at each seed."""
+    return {s: json.loads((weights[s] / name / "model_spec.json").read_text())["metrics"] for s in seeds}
+
+
 def models_table(weights: dict[int, Path], seeds: list[int]) -> list[str]:
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name in RECIPES:
-        metrics = {s: json.loads((weights[s] / name / "model_spec.json").read_text())["metrics"] for s in seeds}
+        metrics = _metrics(weights, seeds, name)
         cells = []
         for key in METRICS:
             values = [metrics[s][key] for s in seeds if key in metrics[s]]
@@ -128,7 +133,7 @@ def readme_table(weights: dict[int, Path], seeds: list[int]) -> list[str]:
     lines = ["| model | architecture | trained on | test acc. | counterfactual acc. (planted classes) |",
              "|---|---|---|---|---|"]
     for name, recipe in RECIPES.items():
-        metrics = {s: json.loads((weights[s] / name / "model_spec.json").read_text())["metrics"] for s in seeds}
+        metrics = _metrics(weights, seeds, name)
         cells = []
         for key in ("test_accuracy", "counterfactual_accuracy_planted_classes"):
             values = [metrics[s][key] for s in seeds if key in metrics[s]]

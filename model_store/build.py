@@ -34,7 +34,7 @@ from handlers.models.architectures import build_architecture
 from handlers.models.classifier import SPEC_FILE, WEIGHTS_FILE, save_model_dir
 from handlers.spec import ModelSpec, Preprocessing
 from model_store import paths
-from model_store.train import RECIPES, ensure_demo_models
+from model_store.train import RECIPES, demo_weights_dir
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "handlers" / "ts_entry.py"
 IMAGENET = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -136,7 +136,7 @@ def ensure_demo_archives(out_dir: Path | None = None, report: Callable[[str], No
     than its weights, or packed with another model config); ``report`` hears each name
     archived."""
     out_dir = out_dir or paths.ARCHIVE_DIR
-    weights_dir = ensure_demo_models()
+    weights_dir = demo_weights_dir()
     for name in RECIPES:
         mar = out_dir / f"{name}.mar"
         source = weights_dir / name / WEIGHTS_FILE

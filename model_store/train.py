@@ -160,7 +160,7 @@ def train(name: str, out_root: Path | None = None, seed: int = TRAIN_SEED) -> Pa
     return out_dir
 
 
-def ensure_demo_models() -> Path:
+def demo_weights_dir() -> Path:
     """The folder of the demo weights that are served and tested (the shipped ones, or
     ``BEYOND_DEMO_WEIGHTS_DIR``'s); a clear error if a demo model is missing there."""
     missing = [name for name in RECIPES if not (paths.DEMO_WEIGHTS_DIR / name / "weights.pt").exists()]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 import pytest
 
@@ -28,9 +27,9 @@ def _split(dataset: str, split: str) -> ShapesSplit:
 @cache
 def _model(name: str):  # noqa: ANN202 - (PixelClassifier, ModelSpec)
     from handlers.models.classifier import load_model_dir
-    from model_store.train import ensure_demo_models
+    from model_store.train import demo_weights_dir
 
-    model, spec = load_model_dir(Path(ensure_demo_models()) / name)
+    model, spec = load_model_dir(demo_weights_dir() / name)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, spec

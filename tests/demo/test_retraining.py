@@ -19,7 +19,7 @@ import json
 
 import pytest
 
-from model_store.train import RECIPES, TRAIN_SEED, ensure_demo_models, train
+from model_store.train import RECIPES, TRAIN_SEED, demo_weights_dir, train
 
 ACCURACY_TOLERANCE = 0.02
 COUNTERFACTUAL_TOLERANCE = 0.15
@@ -39,7 +39,7 @@ def _metrics(folder) -> dict[str, float]:  # noqa: ANN001
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_retrained_model_matches_the_shipped_one(name: str, retrained, record_property) -> None:  # noqa: ANN001
-    ours, shipped = _metrics(retrained[name]), _metrics(ensure_demo_models() / name)
+    ours, shipped = _metrics(retrained[name]), _metrics(demo_weights_dir() / name)
     for key, value in ours.items():
         record_property(key, value)
     assert ours["test_accuracy"] >= 0.95
