@@ -462,8 +462,6 @@ def _filter(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-
-
 # ------------------------------------------------------------------ entry points (RQ functions)
 
 
