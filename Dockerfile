@@ -27,6 +27,7 @@ RUN python -m venv /opt/venv
 COPY docker/requirements-service.txt requirements.lock ./
 RUN /opt/venv/bin/pip install --no-cache-dir -r requirements-service.txt -c requirements.lock
 COPY pyproject.toml README.md ./
+COPY protocol ./protocol
 COPY service ./service
 COPY handlers ./handlers
 COPY model_store ./model_store
@@ -57,7 +58,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["tini", "--"]
-# the gateway, as service.stack starts it; workers: python -m service.jobs.worker
+# the gateway, as model_store.stack starts it; workers: python -m service.jobs.worker
 CMD ["sh", "-c", "exec uvicorn --factory service.gateway.app:app_from_env --host \"$BEYOND_HOST\" --port \"$BEYOND_PORT\" --timeout-graceful-shutdown 5 --no-server-header --log-level info"]
 
 # ---------------------------------------------------------------- torchserve: base
@@ -89,6 +90,7 @@ RUN python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY pyproject.toml README.md requirements.lock ./
+COPY protocol ./protocol
 COPY service ./service
 COPY handlers ./handlers
 COPY model_store ./model_store
@@ -123,4 +125,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
 ENTRYPOINT ["tini", "--"]
 # every TorchServe API listens on 127.0.0.1 only, as locally: reach it through the proxy
 # (service.torchserve_proxy from the service image) in the same network namespace
-CMD ["python", "-m", "service.torchserve_process"]
+CMD ["python", "-m", "model_store.torchserve_process"]

@@ -9,10 +9,10 @@ install-test:
 	bash scripts/install.sh --test
 
 up: install
-	.venv/bin/python -m service.stack up
+	.venv/bin/python -m model_store.stack up
 
 down:
-	.venv/bin/python -m service.stack down
+	.venv/bin/python -m model_store.stack down
 
 test: install-test
 	.venv/bin/python scripts/audit_deps.py check
@@ -27,4 +27,5 @@ lock:
 	.venv/bin/python scripts/audit_deps.py lock
 
 lint:
-	.venv/bin/ruff check handlers service model_store tests benchmarks load_tests
+	.venv/bin/ruff check protocol handlers service model_store tests benchmarks load_tests
+	.venv/bin/lint-imports --no-cache

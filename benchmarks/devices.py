@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers import contract
-from handlers.arrays import decode_array
 from handlers.explainers import available_explainers
 from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskRunner
 from handlers.torchserve_handler import select_device
 from model_store import paths
 from model_store.shapes import ShapesConfig, render, sample_attributes
+from protocol import contract
+from protocol.arrays import decode_array
 
 
 def demo_image(index: int) -> str:

@@ -38,7 +38,7 @@ from handlers.explainers import create_explainer
 from handlers.explainers.lime import LimeParams, segment
 from handlers.models.architectures import build_architecture
 from handlers.models.classifier import PixelClassifier, load_model_dir
-from handlers.spec import Preprocessing
+from protocol.spec import Preprocessing
 
 IMAGENET = Preprocessing(resize=224, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 SHAPES = Preprocessing(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.stack import free_port
+from model_store.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["shapes-resnet", "shapes-vgg", "shapes-resnet-fair", "shapes-resnet-faint"]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.serving import API_KEY, Target, gateway, run_levels, sample_jpeg
-from service.stack import ManagedProcess, free_port, wait_ready
+from model_store.stack import ManagedProcess, free_port, wait_ready
 from tests.unit import fake_torchserve
 
 MODEL = "shapes-resnet"  # a name the fake serves

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.markdown import table
-from handlers.criticism import selection as sel
+from protocol.criticism import selection as sel
 
 
 def reference_port(x: np.ndarray, m_protos: int, m_crits: int, sigma: float, lam: float) -> tuple[list[int], list[int]]:

@@ -42,11 +42,7 @@ from redis import Redis
 from rq import Queue, Worker
 
 from benchmarks.markdown import table
-from service.datasets import DatasetStore
-from service.gateway.app import create_app
-from service.jobs import queue as jobq
-from service.settings import Settings
-from service.stack import (
+from model_store.stack import (
     ManagedProcess,
     RedisServer,
     free_port,
@@ -54,6 +50,10 @@ from service.stack import (
     wait_ready,
     worker_process,
 )
+from service.datasets import DatasetStore
+from service.gateway.app import create_app
+from service.jobs import queue as jobq
+from service.settings import Settings
 
 KEY = "scale-benchmark-key-0123456789"
 MODEL = "shapes-resnet"
@@ -116,7 +116,7 @@ def fake_model_server(state: Path, delay_ms: float) -> Iterator[tuple[str, Path]
 def real_model_server(state: Path) -> Iterator[tuple[str, Path]]:
     """TorchServe with the demo archive of ``MODEL``; its URL and key file."""
     from model_store import paths
-    from service.torchserve_process import TorchServeProcess
+    from model_store.torchserve_process import TorchServeProcess
 
     if not (paths.ARCHIVE_DIR / f"{MODEL}.mar").exists():
         raise SystemExit(f"no {paths.ARCHIVE_DIR / MODEL}.mar: run `make up` (or python -m model_store.build --demo)")

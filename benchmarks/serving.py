@@ -5,7 +5,7 @@ share one TorchServe and take turns (``--rounds`` slices per level), ``stock`` r
 
 * ``gateway``: multipart 256x256 JPEG to the gateway (decode, validate, PNG, TorchServe);
 * ``direct``: straight to TorchServe and our handler, with the body the gateway would send
-  (a binary frame of the decoded pixels, ``handlers.frames``);
+  (a binary frame of the decoded pixels, ``protocol.frames``);
 * ``direct-json`` (not by default): the same as a JSON client sends it, base64 PNG inside;
 * ``stock``: the JPEG to TorchServe's stock ``image_classifier`` handler with TorchServe's
   defaults (no model config: one request per batch, the default worker count, torch's
@@ -46,11 +46,11 @@ import numpy as np
 import psutil
 from PIL import Image, ImageDraw
 
-from handlers.contract import PredictRequest, RawImage
-from handlers.frames import MEDIA_TYPE, encode_request
+from model_store.stack import free_port, gateway_process, wait_ready
+from model_store.torchserve_process import TorchServeProcess
+from protocol.contract import PredictRequest, RawImage
+from protocol.frames import MEDIA_TYPE, encode_request
 from service.imaging import decode_image, decode_rgb
-from service.stack import free_port, gateway_process, wait_ready
-from service.torchserve_process import TorchServeProcess
 
 MODEL = "rn18-random"
 STOCK = "rn18-stock"

@@ -1,6 +1,6 @@
 """Server-independent task execution: contract requests in, contract results out.
 
-:class:`TaskRunner` owns one loaded model and turns each ``handlers.contract`` request
+:class:`TaskRunner` owns one loaded model and turns each ``protocol.contract`` request
 into a call of the plain libraries (explainers, attacks, metrics). Any model server needs
 only a thin adapter around it (``handlers.torchserve_handler`` is TorchServe's); the
 runner itself knows nothing about HTTP or TorchServe.
@@ -25,21 +25,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers import contract, visualization
-from handlers.arrays import InvalidArray, decode_array, encode_array
+from handlers import visualization
 from handlers.attacks import AttackBatchResult, available_attacks, get_attack
-from handlers.attacks.params import library_names
 from handlers.attacks.pictures import adversarial_png, as_delivered, perturbation_png
 from handlers.explainers import Explanation, available_explainers, create_explainer
 from handlers.metrics.apem import apem
 from handlers.metrics.explanation_filter import explanation_filter
 from handlers.metrics.feature_sensitivity import class_features, mask_sensitivity, noise_sensitivity
 from handlers.metrics.overinterpretation import sufficient_subsets
-from handlers.metrics.params import ApemParams, FilterParams
 from handlers.models.classifier import ImageShapeError, PixelClassifier, preprocess
 from handlers.models.derived import inference_embeddings, inference_logits
-from handlers.spec import ModelSpec
-from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
+from protocol import contract
+from protocol.arrays import InvalidArray, decode_array, encode_array
+from protocol.params.attacks import library_names
+from protocol.params.metrics import ApemParams, FilterParams
+from protocol.spec import ModelSpec
+from protocol.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_BATCH_IMAGES = 256
@@ -113,7 +114,7 @@ def decode_image(data: str) -> Image.Image:
 
 
 def raw_image(image: contract.RawImage) -> Image.Image:
-    """RGB8 pixels of a binary frame (``handlers.frames``) -> RGB PIL image, checked."""
+    """RGB8 pixels of a binary frame (``protocol.frames``) -> RGB PIL image, checked."""
     if image.pixels is None:
         raise TaskError(422, "invalid_image", "a raw image carries its pixels only in a binary frame")
     if image.width * image.height > MAX_IMAGE_PIXELS:

@@ -1,9 +1,9 @@
 """TorchServe adapter: decodes TorchServe's request list, calls :class:`TaskRunner`, encodes.
 
-One handler serves every task of ``handlers.contract``. TorchServe batches requests
+One handler serves every task of ``protocol.contract``. TorchServe batches requests
 across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): all
 ``predict`` requests of a batch go through the model in one forward pass; other tasks run
-one after another. Requests are JSON or binary frames (``handlers.frames``); every reply
+one after another. Requests are JSON or binary frames (``protocol.frames``); every reply
 is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without affecting
 the rest of the batch. A batch runs under :func:`~handlers.deadline.time_limit`, a little
 shorter than the model's ``responseTimeout``, so that a request asking for too much work is
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from handlers import contract
 from handlers.allocator import retain_freed_memory
 from handlers.deadline import TimeLimitExceeded, time_limit
-from handlers.frames import FrameError, decode_frame, is_frame
 from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskError, TaskRunner
+from protocol import contract
+from protocol.frames import FrameError, decode_frame, is_frame
 
 log = logging.getLogger(__name__)
 _REQUEST = TypeAdapter(contract.TaskRequest)

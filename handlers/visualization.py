@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handlers.png import png_bytes
+from protocol.png import png_bytes
 
 Stage = Literal[1, 2, 3]
 STAGES: tuple[Stage, ...] = (1, 2, 3)

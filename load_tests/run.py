@@ -1,7 +1,7 @@
 """Headless load test: ``python -m load_tests.run [--users N] [--duration 60s] [--capacity]``.
 
 1. Finds the gateway (``--url``, default ``http://BEYOND_HOST:BEYOND_PORT``), loopback only.
-   When it does not answer ``/readyz``, starts the stack (``python -m service.stack up``)
+   When it does not answer ``/readyz``, starts the stack (``python -m model_store.stack up``)
    and stops it again at the end.
 2. Runs Locust headless on ``load_tests/locustfile.py``: ``MixedUser`` for ``--duration``
    with ``--users`` (default), or, with ``--capacity``, ``PredictUser`` stepped through the
@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import httpx
 
 from load_tests.report import build_report
+from model_store.stack import ManagedProcess, wait_ready
 from service.settings import get_settings
-from service.stack import ManagedProcess, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "load_tests" / "config.toml"
@@ -70,12 +70,12 @@ def is_ready(url: str) -> bool:
 
 
 def start_stack(url: str, log: Path) -> ManagedProcess:
-    """``python -m service.stack up`` in the background, on the URL's host and port."""
+    """``python -m model_store.stack up`` in the background, on the URL's host and port."""
     parsed = urlparse(url)
     env = {**os.environ, "BEYOND_HOST": parsed.hostname or "127.0.0.1"}
     env["BEYOND_PORT"] = str(parsed.port or 80)
     stack = ManagedProcess(
-        "stack", [sys.executable, "-m", "service.stack", "up"], log, env=env, cwd=REPO
+        "stack", [sys.executable, "-m", "model_store.stack", "up"], log, env=env, cwd=REPO
     )
     print(f"no ready gateway at {url}: starting the stack (log: {log}) ...", flush=True)
     stack.start()

@@ -32,9 +32,9 @@ import yaml
 
 from handlers.models.architectures import build_architecture
 from handlers.models.classifier import SPEC_FILE, WEIGHTS_FILE, save_model_dir
-from handlers.spec import ModelSpec, Preprocessing
 from model_store import paths
 from model_store.train import RECIPES, demo_weights_dir
+from protocol.spec import ModelSpec, Preprocessing
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "handlers" / "ts_entry.py"
 IMAGENET = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from handlers.models.classifier import PixelClassifier, build_classifier, save_model_dir
-from handlers.spec import ModelSpec, Preprocessing
 from model_store import paths
 from model_store.shapes import CLASS_NAMES, ShapesConfig, ShapesSplit, generate, load_split
+from protocol.spec import ModelSpec, Preprocessing
 
 PREPROCESSING = Preprocessing(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from handlers.contract import ErrorBody, ErrorDetail
+from protocol.contract import ErrorBody, ErrorDetail
 
 log = logging.getLogger("beyond.gateway")
 

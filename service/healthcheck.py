@@ -30,7 +30,7 @@ TIMEOUT_S = 4.0
 def role_from_command(command: Sequence[str]) -> str:
     """The component a container runs, from its command line (PID 1's)."""
     words = " ".join(command)
-    if "service.torchserve_process" in words:
+    if "model_store.torchserve_process" in words:
         return "torchserve"
     if "service.jobs.worker" in words:
         return "worker"

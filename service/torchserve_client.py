@@ -1,9 +1,9 @@
-"""Clients for TorchServe's inference API speaking the contract of ``handlers.contract``.
+"""Clients for TorchServe's inference API speaking the contract of ``protocol.contract``.
 
 :class:`AsyncTorchServeClient` (gateway: one pooled ``aiohttp.ClientSession``) and
 :class:`SyncTorchServeClient` (RQ workers: ``httpx``) share the request building and reply
 mapping below. A request whose images are raw pixels goes as a binary frame
-(:mod:`handlers.frames`), any other as JSON. The gateway uses aiohttp because its client is
+(:mod:`protocol.frames`), any other as JSON. The gateway uses aiohttp because its client is
 on every request's path: posting a 262 KB body to a local server costs 0.18 ms of CPU with
 aiohttp 3.14 against 1.1 ms with httpx 0.28 (docs/performance.md). Every TorchServe failure becomes an
 :class:`~service.errors.ApiError` with a status the gateway can answer as is: unreachable ->
@@ -26,8 +26,8 @@ import aiohttp
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from handlers.contract import TIME_LIMIT_HEADER, DescribeRequest, DescribeResult, ErrorBody
-from handlers.frames import encode_request
+from protocol.contract import TIME_LIMIT_HEADER, DescribeRequest, DescribeResult, ErrorBody
+from protocol.frames import encode_request
 from service.errors import ApiError
 from service.settings import Settings
 

@@ -38,10 +38,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from handlers.contract import TIME_LIMIT_HEADER
+from protocol.contract import TIME_LIMIT_HEADER
+from protocol.frames import MAX_MESSAGE_MB
 from service.settings import Settings, get_settings
 from service.torchserve_client import TokenSource
-from service.torchserve_process import MAX_MESSAGE_MB
 
 log = logging.getLogger("beyond.torchserve_proxy")
 

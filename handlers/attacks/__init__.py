@@ -14,7 +14,7 @@ from handlers.attacks.base import (
     register_attack,
 )
 from handlers.attacks.gradient_sign import FGSM, PGD, IterativeFGSM
-from handlers.attacks.params import AttackParams, FGSMParams, IFGSMParams, PGDParams
+from protocol.params.attacks import AttackParams, FGSMParams, IFGSMParams, PGDParams
 
 __all__ = [
     "NEVER",

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.attacks.params import AttackParams, CoreSettings
 from handlers.deadline import check_time
 from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
-from handlers.validation import InvalidParameter, UnknownMethod
+from protocol.params.attacks import AttackParams, CoreSettings
+from protocol.validation import InvalidParameter, UnknownMethod
 
 NEVER = -1
 """``steps_to_flip`` value of an image on which the attack never succeeded."""
@@ -146,7 +146,7 @@ class Attack(ABC):
     params_model: ClassVar[type[AttackParams]]
 
     def __init__(self, params: Mapping[str, Any] | AttackParams | None = None) -> None:
-        from handlers.validation import parse_params
+        from protocol.validation import parse_params
 
         self.params = parse_params(self.params_model, params)
         self.settings: CoreSettings = self.params.core()

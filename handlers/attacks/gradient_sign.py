@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from handlers.attacks.base import Attack, register_attack
-from handlers.attacks.params import AttackParams, FGSMParams, IFGSMParams, Norm, PGDParams
+from protocol.params.attacks import AttackParams, FGSMParams, IFGSMParams, Norm, PGDParams
 
 _TINY = 1e-12
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from handlers.attacks.base import AttackBatchResult
-from handlers.png import png_bytes
+from protocol.png import png_bytes
 
 
 def _hwc(image: torch.Tensor) -> Any:

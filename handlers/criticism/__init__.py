@@ -1,31 +1,5 @@
-"""Model criticism: choose prototypes and criticisms of a class (torch-free).
+"""The torch side of model criticism: gathering a class's selection inputs from a model.
 
-``select(method, SelectionInputs(...), params)`` with ``method`` in ``adversarial``,
-``mmd``, ``probs``, ``random`` (paper 000, sections 2 and 3.3) and ``gallery_png`` for the
-picture. Nothing imported here needs torch, so the RQ workers can use it; the torch-side
-helper that gathers the inputs from a model in-process is ``handlers.criticism.gather``.
+The selection itself is torch-free and lives in :mod:`protocol.criticism`, so RQ workers run
+it; :mod:`handlers.criticism.gather` computes its inputs in-process with a model.
 """
-
-from handlers.criticism.gallery import gallery_png
-from handlers.criticism.methods import (
-    SelectedItem,
-    Selection,
-    SelectionInputs,
-    SelectionMethod,
-    available_selections,
-    get_selection,
-    register_selection,
-    select,
-)
-
-__all__ = [
-    "SelectedItem",
-    "Selection",
-    "SelectionInputs",
-    "SelectionMethod",
-    "available_selections",
-    "gallery_png",
-    "get_selection",
-    "register_selection",
-    "select",
-]

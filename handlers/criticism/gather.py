@@ -1,9 +1,9 @@
 """The torch side of model criticism: what each selection method needs, from a model.
 
 In the service the RQ workers get these numbers from TorchServe (``embed`` and
-``robustness`` tasks) and call the torch-free :func:`handlers.criticism.select`; this
+``robustness`` tasks) and call the torch-free :func:`protocol.criticism.select`; this
 module does the same in-process (for the handler's tasks, the tests and the benchmarks).
-It imports torch; ``handlers.criticism`` itself does not import it.
+It imports torch; :mod:`protocol.criticism` does not.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import nn
 
 from handlers.attacks import evaluation_mode, get_attack
 from handlers.attacks.base import check_images, device_of
-from handlers.criticism.methods import Selection, SelectionInputs, get_selection
 from handlers.models.derived import inference_embeddings
+from protocol.criticism.methods import Selection, SelectionInputs, get_selection
 
 
 def embeddings_and_probabilities(

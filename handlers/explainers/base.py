@@ -21,10 +21,10 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from handlers.budget import MAX_BATCH_SIZE
 from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
-from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
+from protocol.budget import MAX_BATCH_SIZE
+from protocol.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 __all__ = [
     "Attribution",
@@ -76,7 +76,7 @@ class BatchedParams(ExplainerParams):
         64,
         ge=1,
         le=MAX_BATCH_SIZE,
-        description="images per model pass (capped by pixels: handlers.budget)",
+        description="images per model pass (capped by pixels: protocol.budget)",
     )
 
 
@@ -99,7 +99,7 @@ class Explanation:
         targets: ``(B,)`` int64 classes that were explained.
         params: The fully resolved parameters (defaults filled in), JSON-friendly.
         extras: Method-specific results (e.g. LIME's ``segments`` and ``weights``); numpy
-            arrays in it must be encoded with :func:`handlers.arrays.encode_array`.
+            arrays in it must be encoded with :func:`protocol.arrays.encode_array`.
     """
 
     method: str

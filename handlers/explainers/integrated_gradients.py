@@ -10,7 +10,6 @@ import torch
 from pydantic import Field
 from torch import Tensor, autograd, nn
 
-from handlers.budget import images_per_pass
 from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_SAMPLES,
@@ -22,6 +21,7 @@ from handlers.explainers.base import (
     select_logits,
 )
 from handlers.models.derived import inference_logits
+from protocol.budget import images_per_pass
 
 Quadrature = Literal["gausslegendre", "riemann_middle", "riemann_trapezoid"]
 

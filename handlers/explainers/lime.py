@@ -11,7 +11,6 @@ from skimage.segmentation import slic
 from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
-from handlers.budget import MAX_BATCH_SIZE, images_per_pass
 from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_LIME_SAMPLES,
@@ -24,6 +23,7 @@ from handlers.explainers.base import (
     register,
 )
 from handlers.models.derived import input_normalizer, normalized_logits
+from protocol.budget import MAX_BATCH_SIZE, images_per_pass
 
 
 class LimeParams(StochasticParams, BatchedParams):

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, autograd, nn
 
-from handlers.budget import images_per_pass
 from handlers.deadline import check_time
 from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
-from handlers.metrics.params import SisParams
 from handlers.models.derived import fused_classifier, inference_logits
+from protocol.budget import images_per_pass
+from protocol.params.metrics import SisParams
 
 
 def masked_pixel(model: nn.Module, images: Tensor, mask_value: str | float) -> Tensor:

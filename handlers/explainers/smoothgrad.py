@@ -8,7 +8,6 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
-from handlers.budget import images_per_pass
 from handlers.deadline import check_time
 from handlers.explainers.base import (
     MAX_PASSES,
@@ -23,6 +22,7 @@ from handlers.explainers.base import (
     parse_params,
     register,
 )
+from protocol.budget import images_per_pass
 
 
 class SmoothGradParams(StochasticParams, BatchedParams):

@@ -40,9 +40,9 @@ from handlers.metrics.flip_search import (
     SearchStats,
     full_precision,
 )
-from handlers.metrics.params import ApemParams, Grid
-from handlers.metrics.ranking import spearman_with_loss
-from handlers.validation import InvalidParameter, parse_params
+from protocol.params.metrics import ApemParams, Grid
+from protocol.ranking import spearman_with_loss
+from protocol.validation import InvalidParameter, parse_params
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from handlers.attacks.base import check_images, device_of, evaluation_mode
-from handlers.budget import images_per_pass
 from handlers.deadline import TimeLimitExceeded, time_left
 from handlers.metrics.apem import (
     ApemParams,
@@ -42,8 +41,9 @@ from handlers.metrics.apem import (
     search_strategy,
 )
 from handlers.metrics.flip_search import NOT_FOUND, SEARCHES, FlipProblem, SearchStats
-from handlers.metrics.params import FilterParams
-from handlers.validation import parse_params
+from protocol.budget import images_per_pass
+from protocol.params.metrics import FilterParams
+from protocol.validation import parse_params
 
 Stop = Literal["apem_dropped", "map_exhausted", "time_limit"]
 

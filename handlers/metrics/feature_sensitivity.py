@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from handlers.budget import images_per_pass
 from handlers.deadline import check_time
 from handlers.explainers.gradcam import split_model
 from handlers.explainers.neural_features import activation_maps, neural_features
 from handlers.models.derived import inference_features, inference_logits
-from handlers.validation import InvalidParameter
+from protocol.budget import images_per_pass
+from protocol.validation import InvalidParameter
 
 MAX_FEATURES = 64
 MAX_SIGMAS = 8

@@ -30,11 +30,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from handlers.budget import images_per_pass
 from handlers.deadline import check_time
 from handlers.metrics.line_bounds import LineBounds, line_bounds
-from handlers.metrics.params import Grid
 from handlers.models.derived import inference_logits, inference_parts
+from protocol.budget import images_per_pass
+from protocol.params.metrics import Grid
 
 NOT_FOUND = 0
 """Search result of a unit that did not flip anywhere on the grid."""
@@ -82,7 +82,7 @@ class FlipProblem:
         reference: ``(U,)`` class whose change counts as a flip (the clean prediction).
         clip: clip perturbed images to [0, 1] (the thesis does not).
         batch_size: most perturbed images per forward pass (capped by pixels,
-            :func:`handlers.budget.images_per_pass`).
+            :func:`protocol.budget.images_per_pass`).
     """
 
     def __init__(

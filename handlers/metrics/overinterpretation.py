@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from handlers.explainers import explain
 from handlers.models.derived import inference_logits
-from handlers.validation import InvalidParameter
+from protocol.validation import InvalidParameter
 
 
 @dataclass(frozen=True)

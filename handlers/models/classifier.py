@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from handlers.models.architectures import SplitNetwork, build_architecture
-from handlers.spec import ModelSpec, Preprocessing
+from protocol.spec import ModelSpec, Preprocessing
 
 SPEC_FILE = "model_spec.json"
 WEIGHTS_FILE = "weights.pt"

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from redis import Redis
 
-from handlers.contract import DescribeResult
+from protocol.contract import DescribeResult
 from service.errors import ApiError
 from service.settings import Settings
 from service.torchserve_client import AsyncTorchServeClient

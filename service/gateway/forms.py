@@ -14,9 +14,9 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from handlers.contract import DescribeResult, EncodedArray, ImageOutput, RawImage
-from handlers.validation import InvalidParameter, StrictParams
-from handlers.validation import parse_params as validate_params
+from protocol.contract import DescribeResult, EncodedArray, ImageOutput, RawImage
+from protocol.validation import InvalidParameter, StrictParams
+from protocol.validation import parse_params as validate_params
 from service.errors import ApiError
 from service.gateway.deps import ApiKey
 from service.gateway.schemas import AttackParams

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from handlers.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail, FilterResult
+from protocol.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail, FilterResult
 
 JobState = Literal["queued", "started", "finished", "failed", "canceled"]
 

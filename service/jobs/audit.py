@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.contract import (
+from protocol.contract import (
     ClassFeaturesRequest,
     ClassFeaturesResult,
     ExplainRequest,

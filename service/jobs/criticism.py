@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from handlers.contract import (
+from protocol.contract import (
     DescribeResult,
     EmbedRequest,
     EmbedResult,
@@ -41,7 +41,7 @@ from service.jobs.calls import in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 if TYPE_CHECKING:  # the selection library is imported lazily (first criticism job)
-    from handlers.criticism.methods import SelectedItem, Selection, SelectionInputs
+    from protocol.criticism.methods import SelectedItem, Selection, SelectionInputs
 
 JOB_KEYS = ("attack", "attack_params", "class_index")
 
@@ -62,9 +62,9 @@ def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> di
 
 def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
     """Why these criticism parameters are invalid, or None (used by the gateway: 422)."""
-    from handlers.attacks.params import PARAMS_BY_ATTACK, library_names
-    from handlers.criticism.methods import get_selection
-    from handlers.validation import InvalidParameter, UnknownMethod, parse_params
+    from protocol.criticism.methods import get_selection
+    from protocol.params.attacks import PARAMS_BY_ATTACK, library_names
+    from protocol.validation import InvalidParameter, UnknownMethod, parse_params
 
     try:
         model = get_selection(method).params_model
@@ -144,7 +144,7 @@ def gather_inputs(
 def join_inputs(parts: list[dict[str, Any]]) -> SelectionInputs:
     """The selection's inputs from the :func:`gather_inputs` of consecutive image runs: each
     array joined (in float64 for the selection maths), absent if any run lacks it."""
-    from handlers.criticism.methods import SelectionInputs
+    from protocol.criticism.methods import SelectionInputs
 
     def joined(key: str, dtype: type) -> np.ndarray | None:
         values = [part.get(key) for part in parts]
@@ -163,7 +163,7 @@ def join_inputs(parts: list[dict[str, Any]]) -> SelectionInputs:
 def run_selection(
     method: str, inputs: SelectionInputs, params: dict[str, Any], m: int
 ) -> Selection:
-    from handlers.criticism.methods import get_selection
+    from protocol.criticism.methods import get_selection
 
     return get_selection(method).select(inputs, selection_params(params, m, inputs.n))
 
@@ -183,7 +183,7 @@ def selected_items(selected: Sequence[SelectedItem], candidates: list[dict[str, 
 
 def selection_gallery(read: Callable[[str], bytes], candidates: list[dict[str, Any]], selection: Selection) -> str:
     """Prototypes row over criticisms row (paper 000, figures 7-8), base64 PNG."""
-    from handlers.criticism import gallery_png
+    from protocol.criticism import gallery_png
 
     chosen = {item.index for item in [*selection.prototypes, *selection.criticisms]}
     images = {}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.contract import EmbedRequest, EmbedResult
+from protocol.contract import EmbedRequest, EmbedResult
 from service.jobs.calls import encoded_blob, in_batches
 from service.jobs.criticism import decode_array
 from service.torchserve_client import SyncTorchServeClient

@@ -35,7 +35,7 @@ import numpy as np
 from rq import Queue
 from rq.job import Dependency, Job
 
-from handlers.contract import DescribeResult, EncodedArray
+from protocol.contract import DescribeResult, EncodedArray
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs import queue as jobq
@@ -158,7 +158,7 @@ def submit(queue: Queue, settings: Settings, job_type: str, spec: Spec) -> Job:
 
 def encode_part(part: Part) -> dict[str, Any]:
     """A part as JSON for RQ's result: its numpy arrays as base64 ``.npy`` (dtype, shape and
-    every bit kept; ``handlers.arrays`` would make them float32), the rest as it is."""
+    every bit kept; ``protocol.arrays`` would make them float32), the rest as it is."""
     arrays = {key: value for key, value in part.items() if isinstance(value, np.ndarray)}
     return {
         "values": {key: value for key, value in part.items() if key not in arrays},

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from handlers.contract import (
+from protocol.contract import (
     ExplainRequest,
     ExplainResult,
     SufficientSubsetsRequest,
     SufficientSubsetsResult,
 )
-from handlers.metrics.params import SisParams
+from protocol.params.metrics import SisParams
 from service.datasets import MASK_KINDS
 from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient

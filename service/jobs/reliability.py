@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from handlers.contract import ApemSetRequest, ApemSetResult
-from handlers.metrics.ranking import spearman_with_loss
+from protocol.contract import ApemSetRequest, ApemSetResult
+from protocol.ranking import spearman_with_loss
 from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient
 

@@ -25,7 +25,7 @@ import numpy as np
 from rq import get_current_job
 from rq.job import JobStatus
 
-from handlers.contract import ApemSetResult, FilterRequest, FilterResult
+from protocol.contract import ApemSetResult, FilterRequest, FilterResult
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs import queue as jobq

@@ -22,10 +22,10 @@ from PIL import Image
 from handlers.attacks import get_attack
 from handlers.attacks.base import NEVER
 from handlers.attacks.pictures import adversarial_png, explain_adversarial, perturbation_png
-from handlers.criticism import gallery_png, select
 from handlers.criticism.gather import gather_inputs
 from handlers.models.derived import fused_classifier
 from model_store.train import to_tensor
+from protocol.criticism import gallery_png, select
 
 MODELS = [
     ("shapes-resnet", "spurious", (0.01, 0.15)),

@@ -119,10 +119,10 @@ def test_apem_set_task_scores_each_image_as_the_single_image_task(demo_model, sh
     gives it alone, plus the losses its caller correlates (thesis 003, section 5.4)."""
     import base64
 
-    from handlers import contract
-    from handlers.metrics.ranking import spearman_with_loss
-    from handlers.png import png_bytes
     from handlers.tasks import TaskError, TaskRunner
+    from protocol import contract
+    from protocol.png import png_bytes
+    from protocol.ranking import spearman_with_loss
 
     model, spec = demo_model("shapes-resnet")
     runner = TaskRunner(model, spec, torch.device("cpu"))
@@ -161,9 +161,9 @@ def test_bad_apem_parameters_are_refused_before_explaining(request_for, demo_mod
     is refused (422) before it is computed, not after."""
     import base64
 
-    from handlers import contract
-    from handlers.png import png_bytes
     from handlers.tasks import TaskError, TaskRunner
+    from protocol import contract
+    from protocol.png import png_bytes
 
     model, spec = demo_model("shapes-resnet")
     runner = TaskRunner(model, spec, torch.device("cpu"))

@@ -117,9 +117,9 @@ def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> N
 
     from PIL import Image
 
-    from handlers import contract
-    from handlers.png import png_bytes
     from handlers.tasks import TaskError, TaskRunner
+    from protocol import contract
+    from protocol.png import png_bytes
 
     model, spec = demo_model("shapes-resnet")
     runner = TaskRunner(model, spec, torch.device("cpu"))

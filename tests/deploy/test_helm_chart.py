@@ -22,9 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from model_store.stack import redis_config, worker_process
+from model_store.torchserve_process import TorchServeProcess
 from service.settings import Settings
-from service.stack import redis_config, worker_process
-from service.torchserve_process import TorchServeProcess
 from tests.deploy.conftest import (
     CHART,
     YAMLLINT_CONFIG,
@@ -168,7 +168,7 @@ def test_torchserve_probes_ping_it_with_the_pod_token(default: list[Manifest]) -
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert torchserve[probe]["exec"]["command"] == check
     role = importlib.import_module("service.healthcheck")
-    assert role.role_from_command(["python", "-m", "service.torchserve_process"]) == "torchserve"
+    assert role.role_from_command(["python", "-m", "model_store.torchserve_process"]) == "torchserve"
     startup = torchserve["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 300, (
         "model loading needs minutes before liveness may restart the pod"
@@ -500,7 +500,7 @@ def test_entry_points_are_the_local_stacks(default: list[Manifest]) -> None:
     local = worker_process({}, Path("worker.log")).command
     assert worker["command"] == ["python", *local[1:]]
     # the gateway runs the image's default command (checked against the stack in
-    # test_dockerfile.py); TorchServe too (python -m service.torchserve_process)
+    # test_dockerfile.py); TorchServe too (python -m model_store.torchserve_process)
     assert "command" not in containers(one(default, "Deployment", "gateway"))["gateway"]
     assert "command" not in containers(one(default, "Deployment", "torchserve"))["torchserve"]
     proxy = containers(one(default, "Deployment", "torchserve"))["proxy"]["command"]

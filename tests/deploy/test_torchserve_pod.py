@@ -1,4 +1,4 @@
-"""The TorchServe pod's two processes: ``python -m service.torchserve_process`` and the proxy.
+"""The TorchServe pod's two processes: ``python -m model_store.torchserve_process`` and the proxy.
 
 The first test reads the chart's environment for the TorchServe container into the entry
 point and checks the configuration it would run. The integration test runs both processes
@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from handlers.contract import DescribeResult
+from model_store.stack import free_port
+from model_store.torchserve_process import TorchServeProcess, main
+from protocol.contract import DescribeResult
 from service.settings import Settings, get_settings
-from service.stack import free_port
 from service.torchserve_client import SyncTorchServeClient
-from service.torchserve_process import TorchServeProcess, main
 from tests.deploy.conftest import containers, load_manifests, one
 
 TOKEN = "release-wide-token-for-the-pod-test"
@@ -125,7 +125,7 @@ def test_pod_serves_through_the_proxy_and_stops_on_sigterm(tmp_path: Path) -> No
     }
     log = (tmp_path / "pod.log").open("ab")
     torchserve = subprocess.Popen(
-        [sys.executable, "-m", "service.torchserve_process", "--model-store", str(store)],
+        [sys.executable, "-m", "model_store.torchserve_process", "--model-store", str(store)],
         env=ts_env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.settings import Settings
-from service.stack import (
+from model_store.stack import (
     ManagedProcess,
     RedisServer,
     free_port,
@@ -24,6 +23,7 @@ from service.stack import (
     wait_ready,
     worker_process,
 )
+from service.settings import Settings
 
 API_KEY = "integration-key-0123456789abcdef"
 MODEL = "shapes-resnet"
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Stack:
     def __init__(self, state: Path) -> None:
         from model_store.build import ensure_demo_archives
-        from service.torchserve_process import TorchServeProcess
+        from model_store.torchserve_process import TorchServeProcess
 
         self.state = state
         self.redis = RedisServer(free_port(), state)

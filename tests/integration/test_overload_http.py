@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.stack import ManagedProcess, free_port, gateway_process, wait_ready
+from model_store.stack import ManagedProcess, free_port, gateway_process, wait_ready
 from tests.integration.conftest import API_KEY, MODEL, Stack
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from handlers.contract import TIME_LIMIT_HEADER, PredictRequest, RawImage
-from handlers.frames import encode_request
-from service.torchserve_process import TorchServeProcess
+from model_store.torchserve_process import TorchServeProcess
+from protocol.contract import TIME_LIMIT_HEADER, PredictRequest, RawImage
+from protocol.frames import encode_request
 
 pytestmark = pytest.mark.integration
 
@@ -118,9 +118,9 @@ def test_torchserve_is_closed(torchserve: TorchServeProcess) -> None:
 def short_timeout_torchserve(tmp_path_factory: pytest.TempPathFactory):
     """The demo shapes-resnet archived with an 8 s ``responseTimeout``: 3 s of work per call."""
     from handlers.models.classifier import SPEC_FILE, WEIGHTS_FILE
-    from handlers.spec import ModelSpec
     from model_store import paths
     from model_store.build import archive, ensure_demo_archives, model_config
+    from protocol.spec import ModelSpec
 
     ensure_demo_archives()
     demo = paths.DEMO_WEIGHTS_DIR / "shapes-resnet"

@@ -7,7 +7,7 @@ from torch import nn
 
 from handlers.models.architectures import SplitNetwork
 from handlers.models.classifier import PixelClassifier
-from handlers.spec import Preprocessing
+from protocol.spec import Preprocessing
 
 PRE = Preprocessing(resize=8, crop=8, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
 

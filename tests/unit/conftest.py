@@ -14,9 +14,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from model_store.stack import RedisServer, free_port
 from service.gateway.app import create_app
 from service.settings import Settings
-from service.stack import RedisServer, free_port
 from tests.unit import fake_torchserve
 
 API_KEY = "unit-test-key-0123456789"

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from handlers import contract as c
-from handlers.frames import FrameError, decode_frame, is_frame
+from protocol import contract as c
+from protocol.frames import FrameError, decode_frame, is_frame
 
 TOKEN = "fake-inference-token"
 LABELS = ["circle", "square", "triangle"]

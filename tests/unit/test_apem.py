@@ -15,7 +15,7 @@ from handlers.metrics.flip_search import (
     SearchStats,
     SequentialScan,
 )
-from handlers.validation import InvalidParameter
+from protocol.validation import InvalidParameter
 from tests.unit.adversarial_helpers import (
     LinearPixelModel,
     assert_unchanged,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchattacks
 
 from handlers.attacks import NEVER, available_attacks, get_attack
-from handlers.validation import InvalidParameter, UnknownMethod
+from protocol.validation import InvalidParameter, UnknownMethod
 from tests.unit.adversarial_helpers import assert_unchanged, images, snapshot, tiny_cnn
 
 SETTINGS = {
@@ -252,7 +252,7 @@ def test_masked_loop_of_accelerators_equals_the_compact_cpu_loop(targeted: bool,
 
 def test_the_torch_free_parameter_table_is_the_registrys() -> None:
     from handlers.attacks import available_attacks, get_attack
-    from handlers.attacks.params import PARAMS_BY_ATTACK
+    from protocol.params.attacks import PARAMS_BY_ATTACK
 
     assert sorted(PARAMS_BY_ATTACK) == available_attacks()
     for name, model in PARAMS_BY_ATTACK.items():

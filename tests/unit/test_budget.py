@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from handlers import budget
-from handlers.budget import MAX_PIXELS_PER_PASS, images_per_pass
 from handlers.explainers import explain
 from handlers.metrics.apem import apem
+from protocol import budget
+from protocol.budget import MAX_PIXELS_PER_PASS, images_per_pass
 from tests.unit.explainers.conftest import make_classifier, make_images
 
 

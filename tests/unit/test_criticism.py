@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.criticism import (
+from protocol.criticism import (
     SelectionInputs,
     available_selections,
     gallery_png,
     get_selection,
     select,
 )
-from handlers.criticism import selection as sel
-from handlers.validation import InvalidParameter, UnknownMethod
+from protocol.criticism import selection as sel
+from protocol.validation import InvalidParameter, UnknownMethod
 
 
 def _embeddings(n: int = 60, d: int = 5, seed: int = 0) -> np.ndarray:
@@ -30,8 +30,8 @@ def _embeddings(n: int = 60, d: int = 5, seed: int = 0) -> np.ndarray:
 
 def test_selection_package_does_not_import_torch() -> None:
     code = (
-        "import sys; import handlers.criticism, handlers.criticism.selection, "
-        "handlers.criticism.methods, handlers.criticism.gallery; "
+        "import sys; import protocol.criticism, protocol.criticism.selection, "
+        "protocol.criticism.methods, protocol.criticism.gallery; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from handlers.arrays import decode_array
-from handlers.contract import EncodedArray
+from protocol.arrays import decode_array
+from protocol.contract import EncodedArray
 from service.jobs.worker import build_worker
 from service.settings import Settings
 from tests.unit import fake_torchserve
@@ -383,7 +383,7 @@ def test_calls_out_of_time_are_split_until_they_fit(
 
 def test_the_worker_side_of_jobs_does_not_import_torch() -> None:
     code = (
-        "import sys; import service.jobs.tasks, service.jobs.reliability, handlers.metrics.ranking; "
+        "import sys; import service.jobs.tasks, service.jobs.reliability, protocol.ranking; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

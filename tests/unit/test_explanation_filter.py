@@ -10,7 +10,7 @@ from handlers.metrics.explanation_filter import (
     explanation_filter_literal,
     quantise,
 )
-from handlers.validation import InvalidParameter
+from protocol.validation import InvalidParameter
 from tests.unit.adversarial_helpers import assert_unchanged, images, snapshot, tiny_cnn
 
 APEM = {"step": 0.25, "max_steps": 120}

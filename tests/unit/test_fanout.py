@@ -20,13 +20,13 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from model_store.stack import service_env, worker_process
 from service.datasets import DatasetStore
 from service.gateway.app import create_app
 from service.jobs.fanout import MAX_CHUNKS, calls, decode_part, encode_part, plan
 from service.jobs.tasks import CHUNKS_KEPT_S
 from service.jobs.worker import build_worker
 from service.settings import Settings
-from service.stack import service_env, worker_process
 from tests.unit import fake_torchserve
 from tests.unit.conftest import API_KEY
 from tests.unit.test_datasets_jobs import _timeless, colored, grey, make_zip, run_worker, upload
@@ -46,7 +46,7 @@ def test_parts_travel_as_json_bit_for_bit() -> None:
     rng = np.random.default_rng(0)
     part = {
         "embeddings": rng.standard_normal((5, 3)).astype(np.float32),
-        "robustness": rng.standard_normal(5),  # float64: handlers.arrays would round it to float32
+        "robustness": rng.standard_normal(5),  # float64: protocol.arrays would round it to float32
         "steps_to_flip": np.arange(-1, 4),
         "rows": [{"x": 0.1 + 0.2, "none": None}],
         "count": None,

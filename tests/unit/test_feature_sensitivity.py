@@ -16,7 +16,7 @@ from handlers.metrics.feature_sensitivity import (
 )
 from handlers.models.architectures import SplitNetwork
 from handlers.models.classifier import PixelClassifier
-from handlers.validation import InvalidParameter
+from protocol.validation import InvalidParameter
 from tests.unit.adversarial_helpers import PRE, tiny_cnn
 
 

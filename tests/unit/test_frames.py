@@ -7,10 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from handlers import contract as c
-from handlers.frames import MAGIC, MEDIA_TYPE, FrameError, decode_frame, encode_request, is_frame
 from handlers.tasks import TaskError, raw_image, request_image
 from handlers.torchserve_handler import parse_request
+from protocol import contract as c
+from protocol.frames import MAGIC, MEDIA_TYPE, FrameError, decode_frame, encode_request, is_frame
 
 
 def _raw(width: int, height: int, seed: int = 0) -> c.RawImage:
@@ -110,8 +110,8 @@ def test_raw_images_are_checked_before_use() -> None:
 
 
 def test_the_largest_accepted_image_fits_torchserve_s_request_cap() -> None:
+    from protocol.frames import MAX_MESSAGE_MB
     from service.settings import Settings
-    from service.torchserve_process import MAX_MESSAGE_MB
     from service.torchserve_proxy import MAX_BODY_BYTES
 
     pixels = Settings.model_fields["max_image_pixels"].default

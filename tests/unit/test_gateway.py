@@ -280,8 +280,8 @@ def test_calls_tell_torchserve_how_long_their_caller_waits(client: TestClient, s
 
 
 def test_torchserve_down(settings, redis_server) -> None:  # type: ignore[no-untyped-def]
+    from model_store.stack import free_port
     from service.gateway.app import create_app
-    from service.stack import free_port
 
     down = settings.model_copy(update={"torchserve_url": f"http://127.0.0.1:{free_port()}"})
     with TestClient(create_app(down), headers={"Authorization": f"Bearer {API_KEY}"}) as c:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from handlers.models.classifier import MAX_RESIZED_PIXELS, ImageShapeError, preprocess
-from handlers.spec import Preprocessing
+from protocol.spec import Preprocessing
 
 IMAGENET_LIKE = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 

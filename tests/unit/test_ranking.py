@@ -10,7 +10,7 @@ import pytest
 from scipy.special import betainc
 from scipy.stats import spearmanr
 
-from handlers.metrics.ranking import average_ranks, regularized_beta, spearman_with_loss
+from protocol.ranking import average_ranks, regularized_beta, spearman_with_loss
 
 
 def test_average_ranks_share_ties() -> None:
@@ -44,7 +44,7 @@ def test_undefined_and_perfect_cases() -> None:
 
 def test_ranking_imports_neither_torch_nor_scipy() -> None:
     code = (
-        "import sys; import handlers.metrics.ranking; "
+        "import sys; import protocol.ranking; "
         "assert not {'torch', 'scipy'} & set(sys.modules), 'torch or scipy imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

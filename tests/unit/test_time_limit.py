@@ -15,9 +15,9 @@ from PIL import Image
 
 from handlers.deadline import TimeLimitExceeded, check_time, time_limit
 from handlers.metrics.apem import apem
-from handlers.spec import ModelSpec, Preprocessing
 from handlers.torchserve_handler import BeyondHandler, caller_time_limit, work_time_limit
 from model_store.build import DEFAULT_MODEL_CONFIG
+from protocol.spec import ModelSpec, Preprocessing
 from service.settings import Settings
 from service.torchserve_client import SyncTorchServeClient
 from tests.unit.adversarial_helpers import images, tiny_cnn

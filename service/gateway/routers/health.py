@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from handlers.contract import ErrorDetail
+from protocol.contract import ErrorDetail
 from service.gateway.deps import SettingsDep, TorchServe
 from service.gateway.schemas import HealthResponse, ReadyResponse
 from service.redis_health import redis_problem

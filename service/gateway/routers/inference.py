@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
-from handlers.contract import (
+from protocol.contract import (
     ApemRequest,
     ApemResult,
     AttackRequest,
@@ -18,7 +18,7 @@ from handlers.contract import (
     PredictRequest,
     PredictResult,
 )
-from handlers.metrics.params import ApemParams
+from protocol.params.metrics import ApemParams
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, DescribedModel, SettingsDep, TorchServe
 from service.gateway.forms import (

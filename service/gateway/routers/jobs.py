@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from handlers.metrics.params import ApemParams, FilterParams, SisParams
+from protocol.params.metrics import ApemParams, FilterParams, SisParams
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, Registry, SettingsDep

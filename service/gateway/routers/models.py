@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter
 
-from handlers.contract import DescribeResult
+from protocol.contract import DescribeResult
 from service.gateway.deps import ApiKey, DescribedModel, Registry, SettingsDep
 from service.gateway.schemas import ModelDetail, ModelInfo, ModelList
 

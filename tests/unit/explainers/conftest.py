@@ -10,7 +10,7 @@ from torch import nn
 
 from handlers.models.architectures import build_architecture
 from handlers.models.classifier import PixelClassifier
-from handlers.spec import Preprocessing
+from protocol.spec import Preprocessing
 
 PREPROCESSING = Preprocessing(resize=16, crop=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 SIZE = 16

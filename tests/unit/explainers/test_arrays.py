@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.arrays import InvalidArray, decode_array, encode_array
-from handlers.contract import EncodedArray
+from protocol.arrays import InvalidArray, decode_array, encode_array
+from protocol.contract import EncodedArray
 
 
 def test_round_trip_numpy_and_torch() -> None:

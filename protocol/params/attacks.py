@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from handlers.validation import InvalidParameter, StrictParams
+from protocol.validation import InvalidParameter, StrictParams
 
 Norm = Literal["linf", "l2"]
 MAX_STEPS = 1000

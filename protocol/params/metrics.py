@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from handlers.budget import MAX_BATCH_SIZE
-from handlers.validation import StrictParams
+from protocol.budget import MAX_BATCH_SIZE
+from protocol.validation import StrictParams
 
 GRID_UNIT = "L1 norm of x' - x over the 3 channels, in [0, 1] pixel units (before clipping)"
 

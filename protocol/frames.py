@@ -2,7 +2,7 @@
 
 A frame is ``MAGIC | header length (u32) | part count (u32) | part lengths (u64 each) |
 header | parts``, big-endian. The header is the request's JSON with every
-:class:`~handlers.contract.RawImage` written as ``{"width", "height", "part"}``; part ``i``
+:class:`~protocol.contract.RawImage` written as ``{"width", "height", "part"}``; part ``i``
 holds that image's RGB8 pixels. The gateway has decoded and validated every upload already,
 so a frame spares both sides the PNG encoding, base64 and a JSON string of the pixels:
 for a 256x256 image about 0.7 ms of gateway CPU and 0.8 ms of TorchServe worker CPU per
@@ -18,10 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from handlers.contract import RawImage
+from protocol.contract import RawImage
 
 MAGIC = b"BYF1"
 MEDIA_TYPE = "application/x-beyond-frame"
+MAX_MESSAGE_MB = 96
+"""TorchServe's request and response cap (MiB). The gateway sends every image as RGB8
+pixels in a frame, 3 bytes per pixel: its default limit of 25 MP is 75 MB (71.5 MiB) plus
+a small JSON header. Raise both together (``BEYOND_MAX_IMAGE_PIXELS``)."""
 _PREFIX = struct.Struct(">4sII")
 
 

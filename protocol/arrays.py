@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from handlers.contract import EncodedArray
+from protocol.contract import EncodedArray
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""Start, wait for and stop a local TorchServe (torch-free: it only runs the server).
+"""Start, wait for and stop a local TorchServe (it runs the server; torch stays in its workers).
 
 The configuration closes TorchServe down to what the gateway needs:
 
@@ -15,7 +15,7 @@ The configuration closes TorchServe down to what the gateway needs:
 Each instance gets its own state folder (its ``TMPDIR`` too, because TorchServe keeps its
 pid file in the temp folder), so several can run side by side (tests next to a dev stack).
 
-``python -m service.torchserve_process`` runs the same configuration in the foreground: the
+``python -m model_store.torchserve_process`` runs the same configuration in the foreground: the
 TorchServe container's command (docs/deploy.md), where a proxy beside it in the pod is the
 only way in (``service.torchserve_proxy``).
 """
@@ -37,10 +37,7 @@ from pathlib import Path
 
 import httpx
 
-MAX_MESSAGE_MB = 96
-"""TorchServe's request and response cap (MiB). The gateway sends every image as RGB8
-pixels in a frame, 3 bytes per pixel: its default limit of 25 MP is 75 MB (71.5 MiB) plus
-a small JSON header. Raise both together (``BEYOND_MAX_IMAGE_PIXELS``)."""
+from protocol.frames import MAX_MESSAGE_MB
 
 
 class TorchServeError(RuntimeError):
@@ -281,7 +278,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m service.torchserve_process``: TorchServe in the foreground (containers).
+    """``python -m model_store.torchserve_process``: TorchServe in the foreground (containers).
 
     Defaults come from the environment, with the names the local stack uses
     (``BEYOND_TORCHSERVE_PORT`` ...) plus the settings' ``BEYOND_MODELS`` and
@@ -292,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     parser = argparse.ArgumentParser(
-        prog="python -m service.torchserve_process", description=main.__doc__
+        prog="python -m model_store.torchserve_process", description=main.__doc__
     )
     parser.add_argument("--model-store", type=Path, default=paths.ARCHIVE_DIR)
     parser.add_argument("--models", default=",".join(settings.models))

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from pydantic import Field, model_validator
 
-from handlers.criticism import selection as sel
-from handlers.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
+from protocol.criticism import selection as sel
+from protocol.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ torch, so importing it costs only pydantic.
 
 Images travel either as base64 of canonical RGB PNG bytes inside the JSON, or as
 :class:`RawImage` references to decoded RGB8 pixels that follow the JSON in one binary
-frame (:mod:`handlers.frames`; what the gateway sends, which has validated and decoded the
+frame (:mod:`protocol.frames`; what the gateway sends, which has validated and decoded the
 upload already). Arrays travel as :class:`EncodedArray` (base64 ``.npy``, float32).
 """
 
@@ -42,7 +42,7 @@ class EncodedArray(_Strict):
 class RawImage(_Strict):
     """Decoded RGB8 pixels, row-major ``(height, width, 3)``: part ``part`` of a binary frame.
 
-    Only the frame decoder (:func:`handlers.frames.decode_frame`) attaches ``pixels`` (as
+    Only the frame decoder (:func:`protocol.frames.decode_frame`) attaches ``pixels`` (as
     bytes; a JSON string is refused); it is never serialised, so in plain JSON a raw image
     is a reference without data.
     """

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from handlers.criticism.methods import SelectedItem, Selection
-from handlers.png import png_bytes
+from protocol.criticism.methods import SelectedItem, Selection
+from protocol.png import png_bytes
 
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)

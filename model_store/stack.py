@@ -1,4 +1,4 @@
-"""The one command: ``python -m service.stack up`` (and ``down``).
+"""The one command: ``python -m model_store.stack up`` (and ``down``).
 
 ``up`` starts, on the demo models: Redis (append-only file, ``appendfsync everysec``,
 ``noeviction``, data under ``<state>/redis``), TorchServe (``TorchServeProcess``), one RQ
@@ -302,7 +302,7 @@ def down(settings: Settings) -> int:
 
 def up(settings: Settings, ready_timeout: float = 900.0) -> int:
     from model_store.build import ensure_demo_archives
-    from service.torchserve_process import TorchServeProcess
+    from model_store.torchserve_process import TorchServeProcess
 
     state = settings.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
         key = generated_key or "(from BEYOND_API_KEYS)"
         print(
             f"\nBeyond is ready\n  URL:      {base}\n  docs:     {base}/docs\n  API key:  {key}\n"
-            f"  logs:     {state / 'logs'}\nCtrl-C (or `python -m service.stack down`) stops it.\n",
+            f"  logs:     {state / 'logs'}\nCtrl-C (or `python -m model_store.stack down`) stops it.\n",
             flush=True,
         )
         step("generating the demo datasets under model_store/data in the background (first run: about 30 s) ...")
@@ -395,7 +395,7 @@ def up(settings: Settings, ready_timeout: float = 900.0) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.stack", description=__doc__.split("\n")[0]
+        prog="python -m model_store.stack", description=__doc__.split("\n")[0]
     )
     parser.add_argument("command", choices=["up", "down"])
     args = parser.parse_args(argv)

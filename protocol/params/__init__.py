@@ -1,0 +1,1 @@
+"""Parameter models of the methods both sides validate: attacks, APEM, the filter and SIS."""
