@@ -232,13 +232,17 @@ def service_env(settings: Settings, **overrides: str) -> dict[str, str]:
     return env
 
 
-def worker_process(env: dict[str, str], log_file: Path, name: str = "worker") -> ManagedProcess:
-    return ManagedProcess(name, [sys.executable, "-m", "service.jobs.worker"], log_file, env=env)
+def worker_process(
+    env: dict[str, str], log_file: Path, name: str = "worker", python: str = sys.executable
+) -> ManagedProcess:
+    return ManagedProcess(name, [python, "-m", "service.jobs.worker"], log_file, env=env)
 
 
-def gateway_process(env: dict[str, str], host: str, port: int, log_file: Path) -> ManagedProcess:
+def gateway_process(
+    env: dict[str, str], host: str, port: int, log_file: Path, python: str = sys.executable
+) -> ManagedProcess:
     command = [
-        sys.executable,
+        python,
         "-m",
         "uvicorn",
         "--factory",
