@@ -3,7 +3,7 @@
 The worker gathers, for every image of the class, what the method needs: embeddings and
 class probabilities (``embed`` task) for ``mmd`` and ``probs``, steps to flip (``robustness``
 task) for ``adversarial``, nothing for ``random``; the selection math itself is the
-torch-free ``handlers.criticism`` library. ``params`` of a criticism job are the selection
+torch-free ``protocol.criticism`` library. ``params`` of a criticism job are the selection
 method's parameters plus three job-level keys: ``attack`` and ``attack_params`` (the
 ``robustness`` call of ``adversarial``) and ``class_index`` (when the class name is not
 one of the model's labels). ``m`` is the number of criticisms.

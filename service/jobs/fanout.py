@@ -2,8 +2,8 @@
 
 A dataset job (criticism, apem, audit, evaluate, overinterpretation) works through a list of
 images that is a pure function of its spec and the dataset's manifest: the images in scope,
-or their seeded sample, in the order its TorchServe calls send them. Each job type says, in
-one :class:`Split` registered under its name, how that list is made, where it may be cut,
+or their seeded sample, in the order its TorchServe calls send them. Each such job type is
+a :class:`DatasetJob`, whose :class:`Split` says how that list is made, where it may be cut,
 what a slice of it gives (``map``: the TorchServe answers for those images) and how the
 parts become the result (``reduce``: everything that needs all the images at once, such as
 MMD-critic's selection over every embedding, a mean, a median or a gallery).
@@ -16,8 +16,9 @@ depends on all of them with ``allow_failure``: it runs once every chunk has ende
 the job with a failed chunk's reason instead of waiting forever. The reduce is the job the
 client holds; :mod:`service.jobs.queue` reads its status and progress from its chunks until it
 runs, and cancels them with it. A smaller job is one RQ job that maps its whole list and
-reduces that one part: the same code, one chunk. Parts travel as JSON, arrays as their
-``.npy`` bytes, so a fanned-out job's result is the whole job's, float for float.
+reduces that one part (:meth:`DatasetJob.run`): the same code, one chunk. Parts travel as
+JSON, arrays as their ``.npy`` bytes, so a fanned-out job's result is the whole job's, float
+for float. The three RQ functions are :mod:`service.jobs.tasks`'.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from __future__ import annotations
 import base64
 import io
 import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from typing import Any
@@ -39,13 +42,14 @@ from protocol.contract import DescribeResult, EncodedArray
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.jobs import queue as jobq
+from service.jobs.common import Image, fail, set_progress
 from service.jobs.criticism import decode_array
+from service.jobs.registry import JobType, RequestT, Spec
 from service.settings import Settings
 from service.torchserve_client import SyncTorchServeClient
 
-Spec = dict[str, Any]
-Image = dict[str, Any]
 Part = dict[str, Any]
+JOB_FUNCTION = "service.jobs.tasks.run_job"
 CHUNK_FUNCTION = "service.jobs.tasks.run_chunk"
 REDUCE_FUNCTION = "service.jobs.tasks.run_reduce"
 MAX_CHUNKS = 64
@@ -96,17 +100,32 @@ class Split(ABC):
         """The job's result from the parts of consecutive slices covering ``run.images``."""
 
 
-SPLITS: dict[str, Split] = {}
+class DatasetJob(JobType[RequestT], Split):
+    """A job type over a dataset's images: a :class:`Split` that runs whole in one RQ job,
+    or in chunks and a reduce when :func:`submit` fans it out."""
 
+    @contextmanager
+    def opened(self, spec: Spec, settings: Settings, started: float) -> Iterator[Run]:
+        """What this job's map and reduce work with; a job failure when the dataset is gone
+        or has no image in scope."""
+        set_progress(0.0)
+        store = DatasetStore(settings)
+        manifest = store.get(spec["dataset_id"])
+        if manifest is None:
+            raise fail("dataset not found (deleted?)")
+        images = self.images(spec, manifest, settings)
+        if not images:
+            raise fail(f"the dataset has no image of class {spec.get('class_name')!r}")
+        with SyncTorchServeClient(settings) as client:
+            described = client.describe(spec["model"])
+            yield Run(spec, settings, store, manifest, client, described, images, started, set_progress)
 
-def splits(job_type: str) -> Callable[[type[Split]], type[Split]]:
-    """Class decorator: register the split of ``job_type``; :func:`submit` fans out its jobs."""
-
-    def register(cls: type[Split]) -> type[Split]:
-        SPLITS[job_type] = cls()
-        return cls
-
-    return register
+    def run(self, spec: Spec, settings: Settings) -> dict[str, Any]:
+        """The job in one RQ job: its whole image list mapped, that one part reduced."""
+        with self.opened(spec, settings, time.time()) as run:
+            part = self.map(run, run.images)
+            set_progress(1.0)
+            return self.reduce(run, [part])
 
 
 def calls(n: int, size: int) -> list[int]:
@@ -132,26 +151,26 @@ def plan(units: list[int], most: int) -> list[tuple[int, int]]:
     return list(pairwise([*bounds, total]))
 
 
-def submit(queue: Queue, settings: Settings, job_type: str, spec: Spec) -> Job:
-    """Enqueue a job: a dataset job of more than ``settings.chunk_images`` images as its
-    chunks and their reduce, any other whole. Returns the job clients follow."""
-    split = SPLITS.get(job_type)
-    if split is None or settings.chunk_images == 0:
-        return jobq.enqueue(queue, settings, job_type, spec)
+def submit(queue: Queue, settings: Settings, job_type: JobType[Any], spec: Spec) -> Job:
+    """Enqueue a job of ``job_type``: a dataset job of more than ``settings.chunk_images``
+    images as its chunks and their reduce, any other whole. Returns the job clients follow."""
+    name = job_type.name
+    if not isinstance(job_type, DatasetJob) or settings.chunk_images == 0:
+        return jobq.enqueue(queue, settings, name, spec, function=JOB_FUNCTION)
     manifest = DatasetStore(settings).get(spec["dataset_id"])
     if manifest is None:
         raise ApiError(404, "dataset_not_found", "unknown dataset")
-    images = split.images(spec, manifest, settings)
-    chunks = plan(split.units(spec, images, settings), settings.chunk_images)
+    images = job_type.images(spec, manifest, settings)
+    chunks = plan(job_type.units(spec, images, settings), settings.chunk_images)
     if len(chunks) == 1:
-        return jobq.enqueue(queue, settings, job_type, spec)
+        return jobq.enqueue(queue, settings, name, spec, function=JOB_FUNCTION)
     jobs = [
-        jobq.enqueue(queue, settings, f"{job_type}-chunk", {**spec, "chunk": [start, stop]}, function=CHUNK_FUNCTION)
+        jobq.enqueue(queue, settings, f"{name}-chunk", {**spec, "chunk": [start, stop]}, function=CHUNK_FUNCTION)
         for start, stop in chunks
     ]
     listed = [{"id": job.id, "start": start, "stop": stop} for job, (start, stop) in zip(jobs, chunks, strict=True)]
     return jobq.enqueue(
-        queue, settings, job_type, spec, function=REDUCE_FUNCTION,
+        queue, settings, name, spec, function=REDUCE_FUNCTION,
         depends_on=Dependency(jobs=jobs, allow_failure=True), meta={"chunks": listed},
     )
 

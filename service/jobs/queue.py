@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from redis import Redis
@@ -26,18 +24,11 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from service.errors import ApiError
+from service.gateway.schemas import JobStatusResponse
 from service.settings import Settings
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MARKER = "beyond:job:{}"
-FUNCTIONS = {
-    "criticism": "service.jobs.tasks.run_criticism",
-    "filter": "service.jobs.tasks.run_filter",
-    "apem": "service.jobs.tasks.run_apem",
-    "audit": "service.jobs.tasks.run_audit",
-    "evaluate": "service.jobs.tasks.run_evaluate",
-    "overinterpretation": "service.jobs.tasks.run_overinterpretation",
-}
 _STATES = {
     JobStatus.QUEUED: "queued",
     JobStatus.DEFERRED: "queued",
@@ -63,20 +54,21 @@ def enqueue(
     job_type: str,
     spec: dict[str, Any],
     *,
-    function: str | None = None,
+    function: str,
     timeout_s: int | None = None,
     retries: int | None = None,
     depends_on: Dependency | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Job:
-    """Enqueue ``function`` (default: the job type's) with ``spec`` as its one argument,
-    after the jobs of ``depends_on``; ``meta`` adds to the job's meta."""
+    """Enqueue ``function`` (the dotted name of an RQ function) with ``spec`` as its one
+    argument, after the jobs of ``depends_on``; ``meta`` adds to the job's meta, whose
+    ``type`` is ``job_type``."""
     retries = settings.job_retries if retries is None else retries
     retry = (
         Retry(max=retries, interval=settings.job_retry_intervals_s or 0) if retries > 0 else None
     )
     job = queue.enqueue(
-        function or FUNCTIONS[job_type],
+        function,
         kwargs={"spec": spec},
         job_timeout=timeout_s or settings.job_timeout_s,
         result_ttl=settings.result_ttl_s,
@@ -136,17 +128,6 @@ def failure_reason(job: Job) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class JobView:
-    job_id: str
-    type: str
-    status: str
-    progress: float
-    error: str | None
-    created_at: datetime | None
-    ended_at: datetime | None
-
-
 def chunks_of(job: Job) -> list[Job | None]:
     """The chunk jobs of a job that fanned out, in order (None for one that has expired);
     none for a job that runs whole."""
@@ -169,7 +150,8 @@ def _chunked(job: Job) -> tuple[float, bool]:
     return done / max(1, total), begun
 
 
-def view(job: Job) -> JobView:
+def view(job: Job) -> JobStatusResponse:
+    """The job as ``GET /v1/jobs/{id}`` shows it (a fanned-out job's state is its chunks')."""
     status = _STATES.get(job.get_status(refresh=True), "queued")
     job.get_meta(refresh=True)
     progress = float(job.meta.get("progress") or 0.0)
@@ -178,7 +160,7 @@ def view(job: Job) -> JobView:
         status = "started" if status == "queued" and begun else status
     progress = 1.0 if status == "finished" else progress
     error = failure_reason(job) if status in ("failed", "canceled") else None
-    return JobView(
+    return JobStatusResponse(
         job_id=job.id,
         type=str(job.meta.get("type", "")),
         status=status,
