@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from handlers.explainers import available_explainers
-from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskRunner
 from handlers.torchserve_handler import select_device
 from model_store import paths
@@ -72,8 +71,7 @@ def main() -> int:
     devices = [torch.device("cpu")] + ([select_device(0)] if torch.cuda.is_available() else [])
     runners = []
     for device in devices:
-        model, spec = load_model_dir(paths.DEMO_WEIGHTS_DIR / args.model, device)
-        runners.append(TaskRunner(model, spec, device))
+        runners.append(TaskRunner.load(paths.DEMO_WEIGHTS_DIR / args.model, device))
     print(f"model {args.model}; devices: {', '.join(str(d) for d in devices)}"
           + (f" ({torch.cuda.get_device_name()})" if len(devices) > 1 else ""))
     print("| task | " + " | ".join(f"{d} ms" for d in devices) + " | max abs diff | same answer |")

@@ -1,14 +1,15 @@
 """TorchServe adapter: decodes TorchServe's request list, calls :class:`TaskRunner`, encodes.
 
 One handler serves every task of ``protocol.contract``. TorchServe batches requests
-across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): all
-``predict`` requests of a batch go through the model in one forward pass; other tasks run
-one after another. Requests are JSON or binary frames (``protocol.frames``); every reply
-is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without affecting
-the rest of the batch. A batch runs under :func:`~handlers.deadline.time_limit`, a little
-shorter than the model's ``responseTimeout``, so that a request asking for too much work is
-answered 422 ``time_limit`` instead of TorchServe killing the worker; a request whose caller
-says how long it waits (``X-Beyond-Time-Limit``) stops a little before that.
+across clients (``batchSize``/``maxBatchDelay`` in the archive's model config): the
+requests of a batched task (``predict``: one forward pass) run in one call of its runner;
+other tasks run one after another. The model and its derived copies are built once, in
+:meth:`BeyondHandler.initialize`. Requests are JSON or binary frames (``protocol.frames``);
+every reply is JSON; refused requests get their own 4xx status and an ``ErrorBody`` without
+affecting the rest of the batch. A batch runs under :func:`~handlers.deadline.time_limit`, a
+little shorter than the model's ``responseTimeout``, so that a request asking for too much
+work is answered 422 ``time_limit`` instead of TorchServe killing the worker; a request whose
+caller says how long it waits (``X-Beyond-Time-Limit``) stops a little before that.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pydantic import TypeAdapter, ValidationError
 
 from handlers.allocator import retain_freed_memory
 from handlers.deadline import TimeLimitExceeded, time_limit
-from handlers.models.classifier import load_model_dir
 from handlers.tasks import TaskError, TaskRunner
 from protocol import contract
 from protocol.frames import FrameError, decode_frame, is_frame
@@ -144,9 +144,9 @@ class BeyondHandler:
         self.time_limit_s = work_time_limit(model_config.get("responseTimeout"))
         retain_freed_memory()
         device = select_device(properties.get("gpu_id"))
-        model, spec = load_model_dir(Path(properties["model_dir"]), device)
-        self.runner = TaskRunner(model, spec, device)
-        log.info("loaded %s (%s) on %s", spec.name, spec.architecture, device)
+        self.runner = TaskRunner.load(Path(properties["model_dir"]), device)
+        spec = self.runner.served.spec
+        log.info("loaded %s (%s) on %s, its copies built", spec.name, spec.architecture, device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         with time_limit(self.time_limit_s):
@@ -164,10 +164,13 @@ class BeyondHandler:
                 log.exception("request could not be parsed")
                 parsed.append(TaskError(400, "invalid_request", "the request could not be parsed"))
         replies: list[contract.BaseModel | TaskError | None] = [None] * len(data)
-        predict_at = [i for i, p in enumerate(parsed) if isinstance(p, contract.PredictRequest)]
-        if predict_at:
-            batch = self.runner.predict_batch([parsed[i] for i in predict_at])  # type: ignore[misc]
-            for i, result in zip(predict_at, batch, strict=True):
+        batches: dict[str, list[int]] = {}
+        for i, request in enumerate(parsed):
+            if not isinstance(request, TaskError) and self.runner.is_batched(request):
+                batches.setdefault(request.task, []).append(i)  # type: ignore[attr-defined]
+        for at in batches.values():
+            batch = self.runner.run_batch([parsed[i] for i in at])  # type: ignore[misc]
+            for i, result in zip(at, batch, strict=True):
                 replies[i] = result
         for i, request in enumerate(parsed):
             if replies[i] is None and isinstance(request, TaskError):

@@ -1,4 +1,4 @@
-"""APEM and the Explanation Filter on the trained demo models (thesis 003, sections 4-5).
+"""APEM and the Explanation Filter on the trained demo models [doValle2019, ch. 4-5].
 
 A coarse grid (``step = 4`` L1 units, up to 2,000) keeps the CPU cost to seconds; the
 properties tested are the thesis's: gradient maps beat shuffled maps, shuffled maps score
@@ -16,9 +16,10 @@ import torch
 
 from handlers.explainers import explain
 from handlers.metrics.apem import apem, shuffled
-from handlers.metrics.explanation_filter import explanation_filter, explanation_filter_literal
+from handlers.metrics.explanation_filter import explanation_filter
 from handlers.visualization import to_stage
 from model_store.train import to_tensor
+from tests.unit.adversarial_helpers import explanation_filter_literal
 
 GRID = {"step": 4, "max_steps": 500}
 
@@ -39,7 +40,7 @@ def gradient_case(demo_model, shapes_split):  # noqa: ANN001, ANN201
 
 
 def test_gradient_maps_beat_shuffled_maps_which_score_about_zero(gradient_case, record_property) -> None:  # noqa: ANN001
-    """Thesis 003, table 4.2 (gradient maps far above shuffled ones, which score about 0) and
+    """[doValle2019, Tab. 4.2] (gradient maps far above shuffled ones, which score about 0) and
     section 5.4 (higher APEM, lower loss). On 8 images of a coarse grid, how far the gradient
     is ahead depends on the training run (mean APEM 72-453 against shuffled 57 over seeds
     0-2, docs/seeds.md): asserted is that it is ahead, and a negative correlation with the
@@ -116,16 +117,16 @@ def test_filter_on_a_demo_map_equals_the_literal_algorithm(gradient_case, record
 
 def test_apem_set_task_scores_each_image_as_the_single_image_task(demo_model, shapes_split) -> None:  # noqa: ANN001
     """The set task (one TorchServe call per batch of a job) gives each image what /apem
-    gives it alone, plus the losses its caller correlates (thesis 003, section 5.4)."""
+    gives it alone, plus the losses its caller correlates [doValle2019, §5.4]."""
     import base64
 
-    from handlers.tasks import TaskError, TaskRunner
+    from handlers.tasks import ServedModel, TaskError, TaskRunner
     from protocol import contract
     from protocol.png import png_bytes
     from protocol.ranking import spearman_with_loss
 
     model, spec = demo_model("shapes-resnet")
-    runner = TaskRunner(model, spec, torch.device("cpu"))
+    runner = TaskRunner(ServedModel.build(model, spec, torch.device("cpu")))
     split = shapes_split("spurious", "test")
     images = [base64.b64encode(png_bytes(split.images[i])).decode() for i in range(6)]
     labels = [int(v) for v in split.labels[:6]]
@@ -161,14 +162,14 @@ def test_bad_apem_parameters_are_refused_before_explaining(request_for, demo_mod
     is refused (422) before it is computed, not after."""
     import base64
 
-    from handlers.tasks import TaskError, TaskRunner
+    from handlers.tasks import ServedModel, TaskError, TaskRunner
     from protocol import contract
     from protocol.png import png_bytes
 
     model, spec = demo_model("shapes-resnet")
-    runner = TaskRunner(model, spec, torch.device("cpu"))
+    runner = TaskRunner(ServedModel.build(model, spec, torch.device("cpu")))
     explained = []
-    monkeypatch.setattr(runner, "_explanation", lambda *args: explained.append(args))
+    monkeypatch.setattr("handlers.tasks.common.create_explainer", lambda *args: explained.append(args))
     image = base64.b64encode(png_bytes(shapes_split("spurious", "test").images[0])).decode()
     name, fields = request_for(image)
     with pytest.raises(TaskError) as refusal:

@@ -1,4 +1,4 @@
-"""The spurious-feature audit on the demo models against ground truth (paper 002, section 5).
+"""The spurious-feature audit on the demo models against ground truth [Singla2022, §5].
 
 Circles of the biased split carry the planted ``sky`` background 95% of the time. On 100
 test circles on sky, over training seeds 0-2 (``docs/seeds.md``): the top-5 features of
@@ -117,12 +117,13 @@ def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> N
 
     from PIL import Image
 
-    from handlers.tasks import TaskError, TaskRunner
+    from handlers.tasks import ServedModel, TaskError, TaskRunner
+    from handlers.tasks.common import tensors
     from protocol import contract
     from protocol.png import png_bytes
 
     model, spec = demo_model("shapes-resnet")
-    runner = TaskRunner(model, spec, torch.device("cpu"))
+    runner = TaskRunner(ServedModel.build(model, spec, torch.device("cpu")))
     split = shapes_split("spurious", "test")
     big = [np.asarray(Image.fromarray(split.images[i]).resize((96, 80), Image.BILINEAR)) for i in range(4)]
     left = np.zeros((80, 96, 3), dtype=np.uint8)
@@ -132,7 +133,7 @@ def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> N
     request = contract.MaskSensitivityRequest(images=images, masks=masks, seeds=[1, 2, 3, 4], sigmas=[0.5, 1.0])
     result = runner.run(request)
     assert result.coverage == pytest.approx([0.5] * 4, abs=0.02)
-    x, seen = runner.tensors(images), runner.tensors(masks).mean(dim=1)
+    x, seen = tensors(runner.served, images), tensors(runner.served, masks).mean(dim=1)
     predictions, clean = mask_sensitivity(model, x, seen, [1, 2, 3, 4], [0.5, 1.0])
     assert result.predictions == predictions.tolist() and result.clean == clean.tolist()
     labels = [int(v) for v in split.labels[:4]]

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from handlers.tasks import TaskError, raw_image, request_image
+from handlers.tasks.common import TaskError, raw_image, request_image
 from handlers.torchserve_handler import parse_request
 from protocol import contract as c
 from protocol.frames import MAGIC, MEDIA_TYPE, FrameError, decode_frame, encode_request, is_frame

@@ -17,10 +17,10 @@ from handlers.deadline import TimeLimitExceeded, check_time, time_limit
 from handlers.metrics.apem import apem
 from handlers.torchserve_handler import BeyondHandler, caller_time_limit, work_time_limit
 from model_store.build import DEFAULT_MODEL_CONFIG
-from protocol.spec import ModelSpec, Preprocessing
 from service.settings import Settings
 from service.torchserve_client import SyncTorchServeClient
 from tests.unit.adversarial_helpers import images, tiny_cnn
+from tests.unit.torchserve_context import FakeContext, tiny_model_dir
 
 
 def test_check_time_raises_only_past_the_innermost_deadline() -> None:
@@ -54,25 +54,6 @@ def test_an_apem_search_stops_at_the_limit() -> None:
     assert time.monotonic() - start < 2.0
 
 
-class _Context:
-    """What BeyondHandler uses of TorchServe's context."""
-
-    def __init__(self, model_dir: Path | None = None, response_timeout: int = 600) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.model_yaml_config = {"minWorkers": 1, "responseTimeout": response_timeout}
-        self.status: dict[int, int] = {}
-        self.headers: dict[str, str] = {}
-
-    def get_all_request_header(self, index: int) -> dict[str, str]:
-        return self.headers
-
-    def set_response_header(self, index: int, name: str, value: str) -> None:
-        pass
-
-    def set_response_status(self, code: int, phrase: str, index: int) -> None:
-        self.status[index] = code
-
-
 def _png(size: int = 32) -> str:
     buffer = io.BytesIO()
     Image.fromarray((torch.rand(size, size, 3) * 255).byte().numpy()).save(buffer, format="PNG")
@@ -93,13 +74,13 @@ def _png(size: int = 32) -> str:
     ],
 )
 def test_the_caller_s_wait_bounds_the_work(headers: dict[str, str], expected: float | None) -> None:
-    context = _Context()
+    context = FakeContext()
     context.headers = headers
     assert caller_time_limit(context, 0) == expected
     assert caller_time_limit(object(), 0) is None  # a context without request headers
 
 
-def _call(handler: BeyondHandler, context: _Context, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _call(handler: BeyondHandler, context: FakeContext, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     context.status.clear()
     (reply,) = handler.handle([{"body": json.dumps(body).encode()}], context)
     return context.status.get(0, 200), json.loads(reply)
@@ -113,18 +94,11 @@ def _never_flipping_apem(image: str) -> dict[str, Any]:
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    """A random-weight shapes_resnet for 32x32 inputs, as the handler loads it."""
-    spec = ModelSpec(
-        name="tiny", architecture="shapes_resnet", num_classes=6, random_weights=True,
-        preprocessing=Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        labels=[f"c{i}" for i in range(6)],
-    )
-    (tmp_path / "model_spec.json").write_text(spec.model_dump_json())
-    return tmp_path
+    return tiny_model_dir(tmp_path)
 
 
 def test_the_handler_answers_422_time_limit_and_keeps_serving(model_dir: Path) -> None:
-    context = _Context(model_dir, response_timeout=2)  # 1 s of work per call
+    context = FakeContext(model_dir, response_timeout=2)  # 1 s of work per call
     handler = BeyondHandler()
     handler.initialize(context)
     assert handler.time_limit_s == 1.0
@@ -140,7 +114,7 @@ def test_the_handler_answers_422_time_limit_and_keeps_serving(model_dir: Path) -
 
 def test_a_call_stops_before_its_caller_gives_up(model_dir: Path) -> None:
     """Under a long responseTimeout, a caller that waits 3 s gets its 422 after about 1 s."""
-    context = _Context(model_dir, response_timeout=600)
+    context = FakeContext(model_dir, response_timeout=600)
     handler = BeyondHandler()
     handler.initialize(context)
     context.headers = {"X-Beyond-Time-Limit": "3"}

@@ -1,0 +1,33 @@
+"""Server-independent task execution: contract requests in, contract results out.
+
+Each module here is one task of ``protocol.contract``: it defines the task's runner and
+registers it (:mod:`handlers.tasks.registry`); :class:`TaskRunner` dispatches a request to
+its task's runner, on one :class:`ServedModel` built when the worker starts. Shared
+helpers are in :mod:`handlers.tasks.common`. Any model server needs only a thin adapter
+around the runner (``handlers.torchserve_handler`` is TorchServe's); the runner itself
+knows nothing about HTTP or TorchServe. Importing this package registers every task and
+fails if a contract task has no runner.
+"""
+
+from handlers.tasks import (  # noqa: F401 - imported to register the runners
+    apem,
+    apem_set,
+    attack,
+    class_features,
+    describe,
+    embed,
+    explain,
+    filter,
+    mask_sensitivity,
+    noise_sensitivity,
+    predict,
+    robustness,
+    sufficient_subsets,
+)
+from handlers.tasks.common import TaskError
+from handlers.tasks.registry import RUNNERS, TaskRunner, check_runners
+from handlers.tasks.served import ServedModel
+
+check_runners()
+
+__all__ = ["RUNNERS", "ServedModel", "TaskError", "TaskRunner"]
