@@ -1,6 +1,6 @@
 """Time the adversarial core against its baselines; print markdown tables.
 
-* IFGSM (paper 000: step 0.001, M = 10) per image vs torchattacks' BIM with the same
+* IFGSM ([Stock2018, §3.2]: step 0.001, M = 10) per image vs torchattacks' BIM with the same
   settings, one image per call (the serving path) and a batch per call (robustness task).
 * APEM per image: the exact batched search vs the thesis's sequential scan (one ``eps`` per
   forward pass), with the same answers checked; the approximate search for reference.
@@ -121,7 +121,7 @@ def bench_attacks(model: PixelClassifier, x: torch.Tensor, y: torch.Tensor, devi
 
 # --------------------------------------------------------------------------- APEM
 def gradient_maps(model: PixelClassifier, x: torch.Tensor) -> torch.Tensor:
-    """Stage-2 gradient maps (thesis 003, section 4.2) in [0, 1]."""
+    """Stage-2 gradient maps [doValle2019, §4.2] in [0, 1]."""
     return to_stage(explain(model, x, "gradient").relevance, x, 2)
 
 
@@ -129,7 +129,7 @@ def sequential_apem(
     model: PixelClassifier, x: torch.Tensor, maps: torch.Tensor, params: ApemParams
 ) -> tuple[list[int], int]:
     """The thesis's scan as a plain loop: per image and map, eps = step, 2 step, ... one
-    forward pass each, until the prediction changes (thesis 003, section 3.3)."""
+    forward pass each, until the prediction changes [doValle2019, §3.3]."""
     found, passes = [], 0
     for i in range(x.shape[0]):
         xi = x[i : i + 1]
@@ -158,7 +158,7 @@ def bench_apem(model: PixelClassifier, x: torch.Tensor, grid: dict, device: torc
     maps = gradient_maps(model, x)
     params = ApemParams(**grid)
     n = x.shape[0]
-    # best of 2-3 runs: the shared cores' load moves single runs by up to 2x
+    # best of 2-3 runs: the shared cores' load moves single runs (benchmarks/results/adversarial.md)
     t_seq, (seq_found, seq_passes) = timed(lambda: sequential_apem(model, x, maps, params), device, 2)
     t_one, singles = timed(lambda: [apem(model, x[i : i + 1], maps[i : i + 1], params=params) for i in range(n)], device, 3)
     t_set, whole = timed(lambda: apem(model, x, maps, params=params), device, 3)
@@ -201,7 +201,8 @@ def bench_filter(
 def bench_mmd_as_a_worker_runs_it(embeddings: np.ndarray, counts: list[int]) -> None:
     """Time MMD-critic in a fresh numpy-only process (:mod:`benchmarks.mmd`): an RQ worker
     runs it without torch and with glibc's default ``malloc`` settings, and this process
-    has neither (per-block temporaries cost 2.5x more there than here)."""
+    has neither, and per-block temporaries cost far more there than here
+    (benchmarks/results/adversarial.md)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "embeddings.npy"
         np.save(path, embeddings)

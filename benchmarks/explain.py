@@ -35,9 +35,10 @@ import torch
 
 from handlers.allocator import retain_freed_memory
 from handlers.explainers import create_explainer
-from handlers.explainers.lime import LimeParams, segment
+from handlers.explainers.lime import segment
 from handlers.models.architectures import build_architecture
 from handlers.models.classifier import PixelClassifier, load_model_dir
+from protocol.params.explainers import LimeParams
 from protocol.spec import Preprocessing
 
 IMAGENET = Preprocessing(resize=224, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -282,8 +283,8 @@ def measure_method(
     args: argparse.Namespace, counts: Counts,
 ) -> Row:
     """Median over ``--rounds`` of the floor, ours and every peer, the arms' order reversed
-    every other round (a shared machine drifts by 10-30 % within minutes, and whichever arm
-    runs right after a heavy one can pay for it)."""
+    every other round (a shared machine drifts within minutes, and whichever arm runs right
+    after a heavy one can pay for it: benchmarks/results/explain.md)."""
     kind, samples = OURS[method][1], _ours(method, counts)[2]
     target = torch.zeros(1, dtype=torch.long, device=images.device)
 

@@ -23,7 +23,7 @@ from protocol.criticism import selection as sel
 
 
 def reference_port(x: np.ndarray, m_protos: int, m_crits: int, sigma: float, lam: float) -> tuple[list[int], list[int]]:
-    """A straightforward port of the reference MMD-critic code's loops (Kim et al. 2016)."""
+    """A straightforward port of the reference MMD-critic code's loops [Kim2016]."""
     from sklearn.metrics.pairwise import rbf_kernel  # not in a worker: imported after ours ran
 
     kernel = rbf_kernel(x, gamma=1.0 / (2 * sigma**2))

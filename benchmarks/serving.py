@@ -344,7 +344,7 @@ def run_levels(
 
     Each (level, target) pair is measured in ``rounds`` slices of ``duration_s / rounds``
     (warm-up ``warmup_s / rounds`` each), round by round, so a drift of the machine's speed
-    during the run (a shared machine drifts by 20 % within minutes) hits every arm alike
+    during the run (a shared machine drifts within minutes: docs/performance.md) hits every arm alike
     instead of whichever ran last.
     """
     for target in targets:  # prime the server (first passes allocate and tune), not counted

@@ -5,13 +5,9 @@ With glibc's defaults a large block comes from ``mmap`` and goes back to the ker
 freed (the threshold starts at 128 KiB and only grows by trial), and the heap's free top is
 handed back above 128 KiB, so every pass over a large batch page-faults its memory in again,
 zeroed by the kernel. Keeping freed memory in the heap removes that work and changes no
-value. Measured on two cores, ``shapes-resnet``, 4 images, best of 4 per run, three runs
-each way, interleaved: LIME (n=1000) 242-275 -> 180-200 ms per image, SmoothGrad (n=100)
-81-113 -> 74-79 ms, Integrated Gradients (50 steps) 41-42 -> 31-36 ms; the run's peak
-resident memory 942-964 -> 959-978 MB. resnet18 at 224x224, SmoothGrad n=64 at batch 32
-on two threads, two runs each way: 4.05-4.52 -> 3.48-3.50 s; its predictions on one
-thread (batch 1-8) are unchanged. Turning ``mmap`` off altogether (``M_MMAP_MAX = 0``)
-gained nothing more there and kept 80-130 MB more.
+value; the multi-pass explainers gain most, for a little more resident memory, and turning
+``mmap`` off altogether (``M_MMAP_MAX = 0``) gains nothing more and keeps more memory
+(measured: benchmarks/results/inference.md).
 
 The TorchServe adapter applies this when a worker starts; the speed benchmarks apply it to
 their own process, so that what they time is what the service runs.

@@ -1,15 +1,15 @@
 """The thesis's visualization pipeline and the PNG renderings of explanations.
 
-Stages (thesis 003, section 4.2, and section 4.4 / figure 4.6 for the three steps):
+Stages ([doValle2019, §4.2], and [doValle2019, §4.4, fig. 4.6] for the three steps):
 
 1. the raw 3-channel relevance;
 2. ``|R|`` clamped at its 99th percentile and summed over channels;
 3. the clamped ``|R|`` multiplied by the image's pixel values, then summed over channels
-   (the "map multiplied by the original image", after Smilkov et al. 2017).
+   (the "map multiplied by the original image", after [Smilkov2017]).
 
 Every stage ends normalised to [0, 1] per image. Rendering turns a stage map into PNG bytes:
-a colormapped heatmap, an overlay on the image, LIME's "image with attention" (paper 000,
-section 2.3) and its explanation path (paper 000, figure 12).
+a colormapped heatmap, an overlay on the image, LIME's "image with attention" [Stock2018,
+§2] and its explanation path [Stock2018, fig. 12].
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def clamp_percentile(values: Tensor, q: float = 0.99) -> Tensor:
 
 
 def to_stage(relevance: Tensor, image: Tensor, stage: int) -> Tensor:
-    """Map relevance to a visualization stage, normalised to [0, 1] (thesis 003, section 4.2).
+    """Map relevance to a visualization stage, normalised to [0, 1] [doValle2019, §4.2].
 
     Args:
         relevance: ``(B, C, H, W)`` (or ``(C, H, W)``) relevance.
@@ -119,7 +119,7 @@ def overlay_png(
     colormap: str = "inferno",
     opacity: float = 0.5,
 ) -> bytes:
-    """The colormapped map blended over the image (paper 002, Appendix A.2)."""
+    """The colormapped map blended over the image [Singla2022, App. A.2]."""
     heat = colorize(stage_map, colormap)
     base = _to_hwc(image)
     return png_bytes((1 - opacity) * base + opacity * heat)
@@ -147,7 +147,7 @@ def attention_png(
     k: int = 8,
     fill: float = 0.0,
 ) -> bytes:
-    """LIME's image "with attention": only the top-K positive superpixels shown (paper 000, 2.3)."""
+    """LIME's image "with attention": only the top-K positive superpixels shown [Stock2018, §2]."""
     return png_bytes(reveal(image, segments, ranked_superpixels(weights, k), fill))
 
 
@@ -164,7 +164,7 @@ def path_png(
     fill: float = 0.0,
     gap: int = 2,
 ) -> bytes:
-    """The explanation path (paper 000, figure 12) as a horizontal strip.
+    """The explanation path [Stock2018, fig. 12] as a horizontal strip.
 
     Panel ``i`` reveals the top ``i`` superpixels by weight (positive ones, up to ``k``), so
     the strip has one panel per revealed superpixel, separated by ``gap`` white columns.

@@ -3,10 +3,9 @@
 A step of ``StepLoad`` starts all its users at once. Locust's ``constant_throughput`` counts
 each user's period from the moment the user was created, so a random delay before the first
 request is undone from the second request on: every user fires in the same instant once per
-period, and the "offered rate" arrives as one burst per second. Measured on 2026-12-01 with
-80 users at 1 request/s each: about 55 of the 80 requests of every second arrived within the
-same 100 ms, and the gateway's bound of 32 predictions in flight refused 57 % of them while
-the model server was mostly idle.
+period, and the "offered rate" arrives as one burst per second, which the gateway's bound
+on predictions in flight refuses in part while the model server idles (measured:
+docs/performance.md, "The earlier capacity figures").
 
 :class:`Pacer` keeps each user on its own grid of slots, one period apart, from a random
 phase: the users' requests spread evenly over the period, which is the steady rate the

@@ -5,9 +5,9 @@ split's ground truth as the service's region masks beside its images:
 ``_masks/core/<class>/<index>.png`` (the shape) for every image and
 ``_masks/spurious/<class>/<index>.png`` (the planted background) where there is one, white
 on black. ``python -m service.client upload <split>`` then uploads images and masks as one
-dataset, and the ``audit`` job reports core and spurious accuracy against them (paper 002,
-definition 2). The split's own ``metadata.jsonl`` and ``.npy`` files are skipped by the
-upload (reported, not stored).
+dataset, and the ``audit`` job reports core and spurious accuracy against them
+([Singla2022, §5.1, def. 2]). The split's own ``metadata.jsonl`` and ``.npy`` files are
+skipped by the upload (reported, not stored).
 """
 
 from __future__ import annotations

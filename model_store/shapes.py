@@ -5,11 +5,11 @@ correlations give the demo models something to be caught relying on:
 
 * **backgrounds**: for some classes one background kind co-occurs with the class with
   probability ``p`` (default 0.95), like the spurious features of Salient ImageNet
-  (paper 002) - a model can learn "sky" instead of "circle";
+  [Singla2022] - a model can learn "sky" instead of "circle";
 * **colour**: within one class, a foreground colour that is common in that class and rare
-  in every other one - the mirror of the ``basketball`` finding of Stock & Cisse
-  (paper 000, section 3.4), where a group over-represented in one class relative to the
-  others becomes prototypical for it.
+  in every other one - the mirror of the ``basketball`` finding of [Stock2018, §3.4],
+  where a group over-represented in one class relative to the others becomes
+  prototypical for it.
 
 Every image comes with its ground truth: label, core mask (the shape's pixels), spurious
 mask (the background pixels when the background is the planted one) and attributes.
@@ -64,7 +64,7 @@ class ShapesConfig:
         colour_p_elsewhere: share of every other class drawn in the planted colour.
         opacity: share of the shape's colour in its pixels, the rest the background showing
             through. Below 1 the class's evidence is faint, and a model trained on it is as
-            easily flipped as paper 000's ImageNet ResNet (:meth:`faint`).
+            easily flipped as [Stock2018]'s ImageNet ResNet (:meth:`faint`).
     """
 
     image_size: int = 64
@@ -96,12 +96,12 @@ class ShapesConfig:
     def faint(cls, **overrides: object) -> ShapesConfig:
         """Shapes at 60 % opacity with the planted colour and no planted background.
 
-        Small margins, as on natural images: IFGSM with paper 000's parameters (step 0.001,
-        M = 10) flips about nine in ten of its model's correct test images, as it did for the
-        paper's ImageNet ResNet-101 (section 3.2: accuracy 77.31 % -> 7.96 %), against 3-29 %
+        Small margins, as on natural images: IFGSM with [Stock2018, §3.2]'s parameters (step
+        0.001, M = 10) flips about nine in ten of its model's correct test images, as it did
+        for the paper's ImageNet ResNet-101 (accuracy 77.31 % -> 7.96 %), against 3-29 %
         for the full-opacity demo models; so adversarial criticism with the paper's own
         parameters spreads a class over one to ten steps, and the planted colour
-        (section 3.4 mirrored) shows in who flips late.
+        ([Stock2018, §3.4] mirrored) shows in who flips late.
         """
         base: dict[str, object] = {"planted_backgrounds": {}, "opacity": 0.6, "sizes": {"train": 12000, "test": 3000}}
         base.update(overrides)

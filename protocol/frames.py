@@ -5,9 +5,9 @@ header | parts``, big-endian. The header is the request's JSON with every
 :class:`~protocol.contract.RawImage` written as ``{"width", "height", "part"}``; part ``i``
 holds that image's RGB8 pixels. The gateway has decoded and validated every upload already,
 so a frame spares both sides the PNG encoding, base64 and a JSON string of the pixels:
-for a 256x256 image about 0.7 ms of gateway CPU and 0.8 ms of TorchServe worker CPU per
-request (docs/performance.md). JSON bodies stay valid; a body is a frame when it starts
-with :data:`MAGIC`, which no JSON text does. Torch-free: the gateway imports it.
+CPU on both sides of every request (measured: docs/performance.md, run F). JSON bodies
+stay valid; a body is a frame when it starts with :data:`MAGIC`, which no JSON text does.
+Torch-free: the gateway imports it.
 """
 
 from __future__ import annotations

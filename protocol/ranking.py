@@ -1,4 +1,4 @@
-"""Rank correlation of APEM with the loss over a set (thesis 003, section 5.4).
+"""Rank correlation of APEM with the loss over a set [doValle2019, §5.4].
 
 numpy and the standard library only: an RQ worker correlates the per-image values that
 TorchServe computed batch by batch, and the service image carries neither torch nor scipy.

@@ -2,6 +2,8 @@
 
 Use ``get_attack(name, params)(model, images, labels=None, targets=None)``; the result is an
 :class:`AttackBatchResult`. Importing this package registers every attack.
+
+Citations such as ``[Stock2018, §2, eq. 2]`` are keys into ``docs/references.md``.
 """
 
 from handlers.attacks.base import (

@@ -2,7 +2,7 @@
 
 :class:`Attack.__call__` is a template method (STYLE 1): it checks the inputs, keeps the
 model in eval mode (restoring its mode afterwards), resolves labels and targets, then runs
-the iterative loop of paper 000, section 2 (``x_{t+1} = step(x_t, grad_x loss(x_t))``) on
+the iterative loop of [Stock2018, §2] (``x_{t+1} = step(x_t, grad_x loss(x_t))``) on
 the whole batch at once. Subclasses implement one abstract method, :meth:`Attack._step`,
 and may override :meth:`Attack._start` (random starts).
 
@@ -137,7 +137,7 @@ class _Goal:
 
 
 class Attack(ABC):
-    """Template of an iterative gradient attack (paper 000, section 2, equations 1-2).
+    """Template of an iterative gradient attack [Stock2018, §2, eqs. 1-2].
 
     Subclasses set :attr:`params_model` and implement :meth:`_step`.
     """

@@ -1,6 +1,6 @@
 """FGSM, iterative FGSM (BIM) and PGD: one iterative core, three settings (STYLE 2).
 
-Paper 000, section 2, equation 2: for ``p = inf`` the step is ``alpha * sign(grad)``,
+[Stock2018, §2, eq. 2]: for ``p = inf`` the step is ``alpha * sign(grad)``,
 for ``p = 2`` it is ``alpha * grad / ||grad||_2``. :class:`IterativeFGSM` takes ``M`` such
 steps, each followed by the projection onto the budget ball and the [0, 1] box;
 :class:`FGSM` is one step of size ``eps``; :class:`PGD` adds a random start.
@@ -23,7 +23,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class LinfGeometry:
-    """Steepest ascent and projection for the L-inf ball (paper 000, eq. 2 with p = inf)."""
+    """Steepest ascent and projection for the L-inf ball ([Stock2018, eq. 2] with p = inf)."""
 
     @staticmethod
     def direction(grad: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class LinfGeometry:
 
 
 class L2Geometry:
-    """Steepest ascent and projection for the L2 ball (paper 000, eq. 2 with p = 2)."""
+    """Steepest ascent and projection for the L2 ball ([Stock2018, eq. 2] with p = 2)."""
 
     @staticmethod
     def direction(grad: torch.Tensor) -> torch.Tensor:
@@ -68,11 +68,11 @@ GEOMETRIES: dict[Norm, type[LinfGeometry] | type[L2Geometry]] = {
 
 @register_attack("ifgsm", "bim", "ifgm")
 class IterativeFGSM(Attack):
-    """Iterative fast gradient (sign) method (paper 000, section 2; BIM of Kurakin et al.).
+    """Iterative fast gradient (sign) method ([Stock2018, §2]; the BIM of [Kurakin2017]).
 
     ``x_{t+1} = clip_[0,1](x + P_eps(x_t + alpha * d(grad) - x))`` with ``d`` the sign
     (L-inf) or the normalised gradient (L2) and ``P_eps`` the projection onto the budget
-    ball (skipped when ``eps`` is None). Paper 000, section 3.2: ``alpha = 0.001``,
+    ball (skipped when ``eps`` is None). [Stock2018, §3.2]: ``alpha = 0.001``,
     ``M = 10``.
     """
 
@@ -83,7 +83,7 @@ class IterativeFGSM(Attack):
         self.geometry = GEOMETRIES[self.settings.norm]
 
     def _step(self, x_adv: torch.Tensor, grad: torch.Tensor, x_clean: torch.Tensor) -> torch.Tensor:
-        """One step of paper 000, equation 2, then the projections."""
+        """One step of [Stock2018, eq. 2], then the projections."""
         moved = x_adv + self.settings.alpha * self.geometry.direction(grad)
         if self.settings.budget is None:
             return moved.clamp(0.0, 1.0)
@@ -93,14 +93,14 @@ class IterativeFGSM(Attack):
 
 @register_attack("fgsm", "fgm")
 class FGSM(IterativeFGSM):
-    """Fast gradient sign method (paper 000, section 2): IFGSM with one step of size ``eps``."""
+    """Fast gradient sign method ([Stock2018, §2]; [Goodfellow2015]): IFGSM with one step of size ``eps``."""
 
     params_model: ClassVar[type[AttackParams]] = FGSMParams
 
 
 @register_attack("pgd")
 class PGD(IterativeFGSM):
-    """Projected gradient descent (Madry et al.): IFGSM from a random point of the ball.
+    """Projected gradient descent [Madry2018]: IFGSM from a random point of the ball.
 
     The random start is drawn on the CPU from a generator seeded with ``params.seed``, so
     the same seed gives the same start on every device.

@@ -1,15 +1,12 @@
-"""Pictures of an attack: the adversarial image, the amplified perturbation, and the
-explanation of the adversarial image for its new class (paper 000, figure 5)."""
+"""Pictures of an attack: the adversarial image and the amplified perturbation ([Stock2018,
+fig. 5] shows them beside the explanation of the adversarial image for its new class)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from handlers.attacks.base import AttackBatchResult
 from protocol.png import png_bytes
 
 
@@ -25,7 +22,7 @@ def adversarial_png(adversarial: torch.Tensor) -> bytes:
 def as_delivered(adversarial: torch.Tensor) -> torch.Tensor:
     """What :func:`adversarial_png` stores: pixels rounded to 8 bits per channel.
 
-    Steps below half an 8-bit level (paper 000's 0.001 is a quarter of one) are partly lost
+    Steps below half an 8-bit level ([Stock2018, §3.2]'s 0.001 is a quarter of one) are partly lost
     in the PNG, so an image that flipped may not flip once saved; the service reports the
     prediction of this rounded image beside the exact one.
     """
@@ -45,21 +42,3 @@ def perturbation_png(clean: torch.Tensor, adversarial: torch.Tensor, amplify: fl
     peak = float(delta.abs().max())
     gain = amplify if amplify is not None else (0.5 / peak if peak > 0 else 0.0)
     return png_bytes(_hwc((0.5 + gain * delta).clamp(0.0, 1.0)))
-
-
-def explain_adversarial(
-    model: nn.Module,
-    result: AttackBatchResult,
-    method: str,
-    params: Mapping[str, Any] | None = None,
-) -> Any:
-    """Explain each adversarial image for its adversarial prediction (paper 000, figure 5).
-
-    Returns:
-        The explainers' ``Explanation`` (``relevance`` ``(B, 3, H, W)``, ``targets`` equal
-        to ``result.predictions``); render it with ``handlers.visualization``.
-    """
-    from handlers.explainers import explain
-
-    device = next(model.parameters()).device
-    return explain(model, result.adversarial.to(device), method, params, targets=result.predictions.to(device))

@@ -3,8 +3,9 @@
 Every explanation method is one small :class:`Explainer` subclass with one abstract method,
 :meth:`Explainer.attribute`, registered under its public name with :func:`register`. The
 base class owns what all methods share: parameter validation (a pydantic model per method,
-whose errors surface as :class:`InvalidParameter`), input checks, target resolution
-(default: the predicted class), autograd and eval mode for the duration of one call.
+kept torch-free in :mod:`protocol.params.explainers`, whose errors surface as
+:class:`InvalidParameter`), input checks, target resolution (default: the predicted class),
+autograd and eval mode for the duration of one call.
 
 Relevance is always a ``(B, C, H, W)`` float32 tensor of the input's shape, in [0, 1] pixel
 space (the served :class:`~handlers.models.classifier.PixelClassifier` normalises inside).
@@ -18,22 +19,20 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
-from protocol.budget import MAX_BATCH_SIZE
-from protocol.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
+from protocol.params.explainers import EXPLAINER_PARAMS, ExplainerParams
+from protocol.validation import InvalidParameter, UnknownMethod, parse_params
 
 __all__ = [
     "Attribution",
-    "BatchedParams",
     "Explainer",
     "ExplainerParams",
     "Explanation",
     "InvalidParameter",
-    "StochasticParams",
     "UnknownMethod",
     "available_explainers",
     "create_explainer",
@@ -43,41 +42,6 @@ __all__ = [
     "resolve_targets",
     "select_logits",
 ]
-
-
-# --------------------------------------------------------------------------- parameters
-class ExplainerParams(StrictParams):
-    """Base of every method's parameters: unknown names are refused, values are frozen."""
-
-    @property
-    def passes_per_image(self) -> int:
-        """Model passes (forward + backward) the method runs per explained image."""
-        return 1
-
-
-class StochasticParams(ExplainerParams):
-    """Parameters of a stochastic method: a seed for its local ``torch.Generator``."""
-
-    seed: int = Field(0, ge=0, description="seed of the method's own random generator")
-
-
-# Upper bounds on the work one request may ask for: a TorchServe worker serves one request
-# at a time, so a request that runs for hours (or allocates what the host does not have)
-# takes its worker away from everyone. Generous against the papers' values.
-MAX_SAMPLES = 10_000  # SmoothGrad copies, IG steps (papers: 50-100)
-MAX_LIME_SAMPLES = 20_000  # LIME builds all its masks at once (paper 000: 1000)
-MAX_PASSES = 100_000  # SmoothGrad over another method: n x that method's passes per image
-
-
-class BatchedParams(ExplainerParams):
-    """Parameters of a method that runs many model passes: images per pass."""
-
-    batch_size: int = Field(
-        64,
-        ge=1,
-        le=MAX_BATCH_SIZE,
-        description="images per model pass (capped by pixels: protocol.budget)",
-    )
 
 
 # --------------------------------------------------------------------------- results
@@ -134,7 +98,8 @@ def check_target_range(targets: Tensor, num_classes: int) -> None:
     """Raise :class:`InvalidParameter` for a target outside ``[0, num_classes)``.
 
     Checked on the host over the ``B`` integers (``tolist``), not with three comparison
-    kernels and a reduction: 7 -> 0.4 µs per call, a visible share of a 1 ms explanation.
+    kernels and a reduction, which were a visible share of a millisecond explanation
+    (benchmarks/results/explain.md).
     """
     for value in targets.tolist():
         if not 0 <= value < num_classes:
@@ -162,8 +127,9 @@ class Explainer(ABC):
 
     Attributes:
         name: The registered public name (set by :func:`register`).
-        Params: The method's pydantic parameter model.
-        smoothable: Whether SmoothGrad may wrap this method.
+        Params: The method's pydantic parameter model: the one
+            :mod:`protocol.params.explainers` registers under :attr:`name` (whose
+            ``smoothable`` says whether SmoothGrad may wrap this method).
         input_gradients_only: Whether :meth:`attribute` only differentiates the logits with
             respect to its input (no hooks, no layers by name), so that it may run through
             the model's fused copy (:meth:`network_for`).
@@ -171,7 +137,6 @@ class Explainer(ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ExplainerParams]] = ExplainerParams
-    smoothable: ClassVar[bool] = False
     input_gradients_only: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any] | BaseModel | None = None) -> None:
@@ -223,7 +188,8 @@ class Explainer(ABC):
     def network_for(self, model: nn.Module, images: Tensor) -> nn.Module:
         """What :meth:`attribute` runs: the model's fused copy
         (:class:`~handlers.models.derived.FusedClassifier`: batch norm folded, channels-last;
-        the same function to float rounding, input gradients 20-30 % cheaper) for a method
+        the same function to float rounding, cheaper input gradients:
+        benchmarks/results/explain.md) for a method
         with :attr:`input_gradients_only`, the model itself otherwise."""
         return fused_classifier(model, images) if self.input_gradients_only else model
 
@@ -243,11 +209,21 @@ E = TypeVar("E", bound=type[Explainer])
 
 
 def register(name: str) -> Callable[[E], E]:
-    """Class decorator: register an :class:`Explainer` under ``name``."""
+    """Class decorator: register an :class:`Explainer` under ``name``.
+
+    Raises:
+        ValueError: Another class is registered as ``name``.
+        TypeError: The class's ``Params`` is not the model that
+            :mod:`protocol.params.explainers` registers under ``name``.
+    """
 
     def decorator(cls: E) -> E:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"explainer {name!r} is already registered")
+        if EXPLAINER_PARAMS.get(name) is not cls.Params:
+            raise TypeError(
+                f"{cls.__name__}.Params must be protocol.params.explainers' model for {name!r}"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

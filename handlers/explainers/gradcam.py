@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, autograd, nn
 
 from handlers.explainers.base import (
     Attribution,
     Explainer,
-    ExplainerParams,
     register,
     resolve_targets,
     select_logits,
 )
 from handlers.models.derived import inference_features
-
-Interpolation = Literal["bilinear", "bicubic", "nearest"]
-
-
-class GradCamParams(ExplainerParams):
-    """Grad-CAM parameters."""
-
-    relu: bool = Field(True, description="keep only positive evidence (Selvaraju et al., eq. 2)")
-    interpolation: Interpolation = Field("bilinear", description="upsampling to the image size")
+from protocol.params.explainers import GradCamParams, Interpolation
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -56,16 +44,15 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: Interpolation) -> Tensor
 
 @register("gradcam")
 class GradCam(Explainer):
-    """Grad-CAM (Selvaraju et al. 2017, eqs. 1-2) on the last convolutional feature map.
+    """Grad-CAM [Selvaraju2017, eqs. 1-2] on the last convolutional feature map.
 
     ``α_k = mean_ij ∂y_c/∂A^k_ij`` and ``L = ReLU(Σ_k α_k A^k)``, upsampled to the image
-    (a class activation map in the sense of paper 002, section 2). ``A`` is
+    (a class activation map in the sense of [Singla2022, §2]). ``A`` is
     ``model.feature_map(x)`` and ``y = model.head(A)``, so the gradient only runs through
     the head. The map is spread equally over the input channels (the channel sum is ``L``).
     """
 
     Params = GradCamParams
-    smoothable = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
         """Channel weights from head gradients, weighted sum of the feature maps, resize."""

@@ -7,20 +7,16 @@ from torch import Tensor, autograd, nn
 from handlers.explainers.base import (
     Attribution,
     Explainer,
-    ExplainerParams,
     register,
     resolve_targets,
     select_logits,
 )
-
-
-class GradientParams(ExplainerParams):
-    """The gradient has no parameters."""
+from protocol.params.explainers import GradientParams
 
 
 @register("gradient")
 class Gradient(Explainer):
-    """Sensitivity map ``M_c(x) = dS_c(x) / dx`` (thesis 003, section 4.2.1, eq. for M_c).
+    """Sensitivity map ``M_c(x) = dS_c(x) / dx`` [doValle2019, §4.2.1].
 
     ``S_c`` is the target logit; the gradient is taken with respect to the [0, 1] pixels,
     signed and per channel (what captum's ``Saliency(abs=False)`` returns). One forward and
@@ -28,7 +24,6 @@ class Gradient(Explainer):
     """
 
     Params = GradientParams
-    smoothable = True
     input_gradients_only = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:

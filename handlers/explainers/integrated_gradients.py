@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, autograd, nn
 
 from handlers.deadline import check_time
 from handlers.explainers.base import (
-    MAX_SAMPLES,
     Attribution,
-    BatchedParams,
     Explainer,
     register,
     resolve_targets,
@@ -22,24 +18,7 @@ from handlers.explainers.base import (
 )
 from handlers.models.derived import inference_logits
 from protocol.budget import images_per_pass
-
-Quadrature = Literal["gausslegendre", "riemann_middle", "riemann_trapezoid"]
-
-
-class IntegratedGradientsParams(BatchedParams):
-    """Integrated Gradients parameters (Sundararajan et al. 2017, eq. 1 and its Riemann sum)."""
-
-    steps: int = Field(
-        50, ge=1, le=MAX_SAMPLES, description="points on the straight path (quadrature nodes)"
-    )
-    baseline: float = Field(
-        0.0, ge=0.0, le=1.0, description="constant pixel value of the baseline image (0 = black)"
-    )
-    method: Quadrature = Field("gausslegendre", description="quadrature rule along the path")
-
-    @property
-    def passes_per_image(self) -> int:
-        return self.steps
+from protocol.params.explainers import IntegratedGradientsParams, Quadrature
 
 
 @functools.lru_cache(maxsize=64)
@@ -61,17 +40,16 @@ def quadrature(steps: int, method: Quadrature) -> tuple[Tensor, Tensor]:
 
 @register("integrated_gradients")
 class IntegratedGradients(Explainer):
-    """``IG_i(x) = (x_i - x'_i) ∫_0^1 ∂F(x' + α(x - x'))/∂x_i dα`` (Sundararajan et al. 2017, eq. 1).
+    """``IG_i(x) = (x_i - x'_i) ∫_0^1 ∂F(x' + α(x - x'))/∂x_i dα`` [Sundararajan2017, eq. 1].
 
     ``F`` is the target logit and ``x'`` the constant image ``baseline``. The integral is a
     quadrature over ``steps`` nodes (Gauss-Legendre by default, as captum); the
     ``steps · B`` path points go through the model ``batch_size`` at a time, node-major.
     ``extras["completeness_gap"]`` is ``Σ_i IG_i - (F(x) - F(x'))`` per image (the
-    completeness axiom, eq. 3 of the paper; small when ``steps`` suffices).
+    completeness axiom, [Sundararajan2017, eq. 3]; small when ``steps`` suffices).
     """
 
     Params = IntegratedGradientsParams
-    smoothable = True
     input_gradients_only = True
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor | None) -> Attribution:
@@ -81,8 +59,8 @@ class IntegratedGradients(Explainer):
         gradient-free pass of the fused inference copy
         (:func:`~handlers.models.derived.inference_logits`), not from the backward passes:
         riding along in the first path batch cost a forward and a backward pass for both
-        images (52 instead of 50 images through the backward at 50 steps; resnet18 was 4-8 %
-        behind captum, which computes neither).
+        images (52 instead of 50 images through the backward at 50 steps), which captum
+        does not pay (benchmarks/results/explain.md).
         """
         p = self.params
         batch = images.shape[0]

@@ -2,65 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from skimage.segmentation import slic
 from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
 from handlers.deadline import check_time
 from handlers.explainers.base import (
-    MAX_LIME_SAMPLES,
     Attribution,
-    BatchedParams,
     Explainer,
     InvalidParameter,
-    StochasticParams,
     chunks,
     register,
 )
 from handlers.models.derived import input_normalizer, normalized_logits
-from protocol.budget import MAX_BATCH_SIZE, images_per_pass
-
-
-class LimeParams(StochasticParams, BatchedParams):
-    """LIME parameters (paper 000, section 2.3: n = 1000, σ = 0.25, K kept constant)."""
-
-    n: int = Field(
-        1000,
-        ge=1,
-        le=MAX_LIME_SAMPLES,
-        description="perturbed samples (the first is the unperturbed image)",
-    )
-    kernel_width: float = Field(0.25, gt=0.0, description="σ of the exponential kernel, eq. 5")
-    num_features: int = Field(8, ge=1, description="K: superpixels the surrogate may use, eq. 7")
-    n_segments: int = Field(
-        50, ge=2, le=10_000, description="SLIC: approximate number of superpixels"
-    )
-    compactness: float = Field(10.0, gt=0.0, description="SLIC: colour vs. space trade-off")
-    slic_sigma: float = Field(1.0, ge=0.0, description="SLIC: Gaussian pre-smoothing width")
-    hide_color: Literal["mean"] | float = Field(
-        0.5, description="fill of hidden superpixels: a grey level in [0, 1], or 'mean' colour"
-    )
-    surrogate: Literal["ridge", "lasso"] = "ridge"
-    alpha: float | None = Field(
-        None, ge=0.0, description="surrogate regularisation (1 ridge, 0.01 lasso)"
-    )
-    output: Literal["probability", "logit"] = "probability"
-    batch_size: int = Field(
-        128, ge=1, le=MAX_BATCH_SIZE, description="perturbed images per pass (capped by pixels)"
-    )
-
-    @model_validator(mode="after")
-    def _resolve(self) -> LimeParams:
-        if isinstance(self.hide_color, float) and not 0.0 <= self.hide_color <= 1.0:
-            raise ValueError("hide_color must be 'mean' or a grey level in [0, 1]")
-        if self.alpha is None:
-            object.__setattr__(self, "alpha", 1.0 if self.surrogate == "ridge" else 0.01)
-        return self
+from protocol.budget import images_per_pass
+from protocol.params.explainers import LimeParams
 
 
 def segment(image: Tensor, p: LimeParams) -> np.ndarray:
@@ -89,7 +49,7 @@ def hidden_image(image: Tensor, segments: Tensor, num: int, hide_color: str | fl
 
 
 def kernel_weights(samples: np.ndarray, width: float) -> np.ndarray:
-    """``π(z) = exp(-d(z)² / σ²)`` (paper 000, eq. 5) with ``d`` the cosine distance to all-on.
+    """``π(z) = exp(-d(z)² / σ²)`` [Stock2018, eq. 5] with ``d`` the cosine distance to all-on.
 
     For a binary ``z'`` with ``k`` of ``S`` superpixels on, ``d = 1 - sqrt(k / S)``.
     """
@@ -101,7 +61,7 @@ def kernel_weights(samples: np.ndarray, width: float) -> np.ndarray:
 def select_features(
     samples: np.ndarray, scores: np.ndarray, weights: np.ndarray, k: int
 ) -> np.ndarray:
-    """The K superpixels chosen by the weighted Lasso path (paper 000, section 2.3, eq. 7)."""
+    """The K superpixels chosen by the weighted Lasso path [Stock2018, §2, eq. 7]."""
     if k >= samples.shape[1]:
         return np.arange(samples.shape[1])
     root = np.sqrt(weights)[:, None]
@@ -119,7 +79,7 @@ def select_features(
 
 @register("lime")
 class Lime(Explainer):
-    """LIME (paper 000, section 2.3, eqs. 4-7; Ribeiro et al. 2016) on SLIC superpixels.
+    """LIME ([Stock2018, §2, eqs. 4-7]; [Ribeiro2016]) on SLIC superpixels.
 
     For each image: SLIC segmentation into ``S`` superpixels; ``n`` binary samples ``z'``
     (the first all on, the rest uniform) turned into images at once (off superpixels show
@@ -129,10 +89,9 @@ class Lime(Explainer):
 
     Hidden superpixels are grey (0.5) by default, not their mean colour (the ``lime``
     package's default): a hidden sky superpixel filled with its mean colour is still sky
-    blue, so the surrogate cannot see a reliance on background colour. On the demo data
-    (24 test images, n=500) the share of positive LIME mass on the planted background is
-    0.40 for shapes-resnet vs 0.18 for shapes-resnet-fair with grey, but 0.50 vs 0.56 with
-    the mean colour; on the object itself (fair model) 0.81 with grey vs 0.48 with the mean.
+    blue, so the surrogate cannot see a reliance on background colour. On the demo models
+    grey tells the model that reads the planted background from the one that does not, and
+    the mean colour does not (the shares measured: benchmarks/results/explain.md).
 
     The relevance of a pixel is its superpixel's weight, spread equally over the channels.
     ``extras``: ``segments`` (B, H, W) int32, and per image ``weights`` (S values, zero

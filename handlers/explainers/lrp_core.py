@@ -4,7 +4,7 @@ Formulation (ours, checked against zennit in the tests). Write every relevance a
 ``R = a · g``: an activation times a *modified gradient* ``g`` flowing backwards. For the
 output of a linear layer (conv or dense) ``z = W x + b`` the relevance is ``R_j = z_j g_j``
 and a rule only has to turn ``g`` at the output into ``g`` at the input, so that
-``R_i = x_i g_i`` (thesis 003, section 4.2.2). Every other module keeps its ordinary
+``R_i = x_i g_i`` [doValle2019, §4.2.2]. Every other module keeps its ordinary
 gradient, which gives exactly the usual LRP treatment of the rest of the network:
 
 * ReLU passes relevance through (``R(z) = R(relu(z))``, zero where ``z <= 0``);
@@ -75,7 +75,7 @@ class Rule(ABC):
     absorbs (bias, stabiliser) into :attr:`absorbed`, per sample, so that
     ``sum(input relevance) + absorbed == explained logit`` (the conservation check). The
     booking is an independent audit of the backward pass, not part of the explanation: it
-    costs a few tensor operations per layer (about 10 % of an LRP call on ``shapes-resnet``).
+    costs a few tensor operations per layer (measured: benchmarks/results/explain.md).
     """
 
     def __init__(self, book_absorbed: bool = False) -> None:
@@ -97,7 +97,7 @@ class Rule(ABC):
 
 
 class Epsilon(Rule):
-    """``R_i = Σ_j z_ij / (z_j + ε sign(z_j)) R_j`` (thesis 003, section 4.2.2, epsilon variant).
+    """``R_i = Σ_j z_ij / (z_j + ε sign(z_j)) R_j`` ([doValle2019, §4.2.2], ε-variant).
 
     ``ε = 0`` is the basic rule. In gradient form: ``g_in = Wᵀ (g · z / (z + ε sign z))``.
     """
@@ -115,8 +115,8 @@ class Epsilon(Rule):
         the caller then adds to ``z`` in place (the residual ``out += identity``; PyTorch's
         autograd notes, "tensor hooks and in-place modification"). One product per layer
         backwards instead of the stop-gradient form ``stop(z) + (z·r - stop(z·r))`` (three
-        element-wise passes forwards, one backwards): the same relevance bit for bit, and on
-        shapes-resnet (one image, two cores, interleaved) 1.55 instead of 1.74 ms per call.
+        element-wise passes forwards, one backwards): the same relevance bit for bit, and
+        faster (benchmarks/results/explain.md).
         """
         if self.book_absorbed:
             return super().apply(layer, x)
@@ -133,7 +133,7 @@ class Epsilon(Rule):
 
 
 class AlphaBeta(Rule):
-    """``R_i = Σ_j (α z⁺_ij / Σ_i' z⁺_i'j + β z⁻_ij / Σ_i' z⁻_i'j) R_j`` (thesis 003, 4.2.2).
+    """``R_i = Σ_j (α z⁺_ij / Σ_i' z⁺_i'j + β z⁻_ij / Σ_i' z⁻_i'j) R_j`` [doValle2019, §4.2.2].
 
     The thesis's convention: ``α + β = 1``, ``α > 0``, ``β <= 0`` (``α=2, β=-1`` is zennit's
     ``AlphaBeta(alpha=2, beta=1, zero_params="bias")``). ``z⁺_ij`` are the positive

@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import Field
 from torch import Tensor, nn
 
 from handlers.explainers.base import (
     Attribution,
     Explainer,
-    ExplainerParams,
     InvalidParameter,
     register,
 )
-from handlers.explainers.gradcam import Interpolation
 from handlers.explainers.neural_features import activation_maps, neural_features
-
-
-class NamParams(ExplainerParams):
-    """NAM parameters (paper 002, Appendix A.1)."""
-
-    feature: int | None = Field(
-        None, ge=0, description="penultimate-layer feature; default: the target's most important"
-    )
-    interpolation: Interpolation = Field("bilinear", description="resizing to the image size")
+from protocol.params.explainers import NamParams
 
 
 @register("nam")
 class Nam(Explainer):
-    """Neural activation map (paper 002, Appendix A.1).
+    """Neural activation map [Singla2022, App. A.1].
 
     The feature map ``A^k`` of penultimate-layer feature ``k`` (the channel of the last
     convolutional block, before global average pooling) is normalised to [0, 1] per image
     and resized to the image. Without ``feature``, ``k`` is the feature with the highest
-    importance for the target class (paper 002, section 3.2: mean activation times the
+    importance for the target class ([Singla2022, §3.2]: mean activation times the
     last-layer weight; computed as ``e_k · ∂y_c/∂e_k`` so it also holds for deeper heads).
     ``extras``: ``feature`` and its ``importance`` per image. The map is spread equally
     over the input channels.

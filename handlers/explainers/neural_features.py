@@ -1,4 +1,4 @@
-"""Neural features of the penultimate layer (paper 002, section 3 and Appendix A.1).
+"""Neural features of the penultimate layer ([Singla2022, §3, App. A.1]).
 
 Shared by the NAM explainer and the spurious-feature audit
 (:mod:`handlers.metrics.feature_sensitivity`): feature ``k`` is channel ``k`` of the last
@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from handlers.explainers.gradcam import Interpolation, feature_map_gradients, upsample
+from handlers.explainers.gradcam import feature_map_gradients, upsample
+from protocol.params.explainers import Interpolation
 
 
 class NeuralFeatures(NamedTuple):
@@ -23,7 +24,7 @@ class NeuralFeatures(NamedTuple):
     values: Tensor
     """``(N, C)``: ``e_k``, the mean of ``A^k`` (the neural feature vector)."""
     importance: Tensor
-    """``(N, C)``: ``e_k * ∂y_target/∂e_k`` (paper 002, section 3.2: the feature's value
+    """``(N, C)``: ``e_k * ∂y_target/∂e_k`` ([Singla2022, §3.2]: the feature's value
     times its last-layer weight for the class, the gradient form holding for deeper heads)."""
     targets: Tensor
     """``(N,)``: the class each importance is for (the prediction when none was given)."""
@@ -37,7 +38,7 @@ def neural_features(model: nn.Module, images: Tensor, targets: Tensor | None) ->
 
 
 def activation_maps(maps: Tensor, size: tuple[int, int], interpolation: Interpolation = "bilinear") -> Tensor:
-    """Neural activation maps (paper 002, Appendix A.1): each ``(..., h, w)`` map
+    """Neural activation maps [Singla2022, App. A.1]: each ``(..., h, w)`` map
     normalised to [0, 1] on its own and resized to ``size``; ``(..., H, W)``."""
     flat = maps.reshape(-1, *maps.shape[-2:])
     low = flat.amin(dim=(1, 2), keepdim=True)

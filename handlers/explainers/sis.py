@@ -1,13 +1,13 @@
-"""Sufficient input subsets: the few pixels that alone keep the model confident (paper 004).
+"""Sufficient input subsets: the few pixels that alone keep the model confident [Carter2021].
 
-Paper 004 (Carter et al., "Overinterpretation reveals image classification model
-pathologies", abstract) finds classifiers that stay confident "even when 95% of an input
+[Carter2021, abstract] ("Overinterpretation reveals image classification model
+pathologies") finds classifiers that stay confident "even when 95% of an input
 image has been masked": the pixel subset they keep is sufficient for the decision although
 nothing in it is salient to a person. A sufficient input subset (SIS) is a set ``S`` of
 pixels with ``f_c(x_S) >= tau``, where ``x_S`` shows the pixels of ``S`` and masks the rest
 and ``f_c`` is the target class's probability; the SIS reported is the smallest one found
 by backward selection (remove the pixel whose loss costs the least confidence, repeat).
-The copy of paper 004 here is the abstract only: ``keep_fraction`` 0.05 is its 95 %; the
+The local copy of [Carter2021] is the abstract only: ``keep_fraction`` 0.05 is its 95 %; the
 threshold, the masking value and the gradient-guided batches are ours and are parameters.
 """
 
@@ -24,7 +24,7 @@ from handlers.deadline import check_time
 from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
 from handlers.models.derived import fused_classifier, inference_logits
 from protocol.budget import images_per_pass
-from protocol.params.metrics import SisParams
+from protocol.params.explainers import SisParams
 
 
 def masked_pixel(model: nn.Module, images: Tensor, mask_value: str | float) -> Tensor:
@@ -48,7 +48,7 @@ def show(images: Tensor, fill: Tensor, shown: Tensor) -> Tensor:
 
 @register("sis")
 class SufficientInputSubset(Explainer):
-    """Sufficient input subsets by gradient-guided backward selection (paper 004, abstract).
+    """Sufficient input subsets by gradient-guided backward selection [Carter2021, abstract].
 
     All pixels start shown. Each step is one forward and backward pass of the batch (through
     the model's fused copy, :class:`~handlers.models.derived.FusedClassifier`): the

@@ -5,63 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from handlers.deadline import check_time
 from handlers.explainers.base import (
-    MAX_PASSES,
-    MAX_SAMPLES,
     Attribution,
-    BatchedParams,
     Explainer,
-    InvalidParameter,
-    StochasticParams,
-    UnknownMethod,
     get_explainer,
-    parse_params,
     register,
 )
 from protocol.budget import images_per_pass
-
-
-class SmoothGradParams(StochasticParams, BatchedParams):
-    """SmoothGrad parameters (thesis 003, section 4.2.1; the thesis uses n=100, sigma=0.2)."""
-
-    n: int = Field(100, ge=1, le=MAX_SAMPLES, description="number of noisy copies per image")
-    sigma: float = Field(
-        0.2, ge=0.0, description="noise standard deviation as a fraction of the image's value range"
-    )
-    base: str = Field("gradient", description="explainer averaged over the noisy copies")
-    base_params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("base")
-    @classmethod
-    def _smoothable(cls, base: str) -> str:
-        try:
-            explainer = get_explainer(base)
-        except UnknownMethod as err:
-            raise ValueError(str(err)) from None
-        if not explainer.smoothable:
-            raise ValueError(f"SmoothGrad cannot wrap {base!r}")
-        return base
-
-    @field_validator("base_params")
-    @classmethod
-    def _resolve_base_params(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "base" not in info.data:
-            return raw
-        try:
-            resolved = parse_params(get_explainer(info.data["base"]).Params, raw)
-        except InvalidParameter as err:
-            raise ValueError(str(err)) from None
-        passes = info.data.get("n", 1) * resolved.passes_per_image
-        if passes > MAX_PASSES:
-            raise ValueError(
-                f"n x the base's passes per image is {passes}, over {MAX_PASSES} per image"
-            )
-        return resolved.model_dump(mode="json")
-
+from protocol.params.explainers import SmoothGradParams
 
 NOISE_BLOCK = 16
 """SmoothGrad draws its noise this many copies at a time (part of the documented order)."""
@@ -94,10 +48,10 @@ class NoiseBlocks:
 
 @register("smoothgrad")
 class SmoothGrad(Explainer):
-    """``M̂_c(x) = 1/n Σ_k M_c(x + N(0, σ²))`` (thesis 003, section 4.2.1; Smilkov et al. 2017).
+    """``M̂_c(x) = 1/n Σ_k M_c(x + N(0, σ²))`` ([doValle2019, §4.2.1]; [Smilkov2017]).
 
     ``M_c`` is the wrapped explainer (the gradient by default). The noise standard deviation
-    is ``σ = sigma · (max(x) - min(x))`` per image (Smilkov et al.'s "noise level").
+    is ``σ = sigma · (max(x) - min(x))`` per image ([Smilkov2017]'s "noise level").
 
     Noise order (fixed, so results do not depend on ``batch_size``): a local generator seeded
     with ``seed`` draws blocks of :data:`NOISE_BLOCK` copies,

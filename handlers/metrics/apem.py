@@ -1,4 +1,4 @@
-"""Adversarial Perturbation Explanation Metric (thesis 003, chapter 3 and section 5.2).
+"""Adversarial Perturbation Explanation Metric [doValle2019, ch. 3, §5.2].
 
 For an image ``x``, the class ``y`` its relevance map ``R`` (values in [0, 1]) explains,
 and the loss ``J``:
@@ -107,12 +107,12 @@ def check_relevance(relevance: torch.Tensor, images: torch.Tensor) -> torch.Tens
     if r.dim() != 4 or r.shape[0] != b or r.shape[1] not in (1, 3) or tuple(r.shape[2:]) != (h, w):
         raise InvalidParameter("relevance", f"expected ({b}, 1 or 3, {h}, {w}), got {tuple(r.shape)}")
     if r.numel() and (not torch.isfinite(r).all() or r.min() < 0 or r.max() > 1):
-        raise InvalidParameter("relevance", "values must lie in [0, 1] (thesis 003, chapter 3)")
+        raise InvalidParameter("relevance", "values must lie in [0, 1] ([doValle2019, ch. 3])")
     return r.to(device=images.device, dtype=images.dtype)
 
 
 def loss_gradient_sign(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``sign(grad_x J(theta, x, y))`` with ``J`` the cross-entropy (thesis 003, chapter 3).
+    """``sign(grad_x J(theta, x, y))`` with ``J`` the cross-entropy [doValle2019, ch. 3].
 
     Input gradients only (``torch.autograd.grad``); the model's parameters are untouched.
     """
@@ -124,7 +124,7 @@ def loss_gradient_sign(model: nn.Module, images: torch.Tensor, targets: torch.Te
 
 
 def directed(maps: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """``R_dir = R / ||R||_1 * sign`` (thesis 003, chapter 3), ``R`` broadcast to ``sign``'s shape.
+    """``R_dir = R / ||R||_1 * sign`` [doValle2019, ch. 3], ``R`` broadcast to ``sign``'s shape.
 
     ``maps`` is ``(..., C, H, W)``, ``sign`` ``(..., 3, H, W)``; an all-zero map gives a zero
     direction (it never flips the model).
@@ -135,7 +135,7 @@ def directed(maps: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled(maps: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """``count`` random permutations of each map's values (thesis 003, section 5.2).
+    """``count`` random permutations of each map's values [doValle2019, §5.2].
 
     ``maps`` ``(B, C, H, W)`` -> ``(B, count, C, H, W)``; the permutation is drawn over all
     ``C * H * W`` values on the CPU from ``seed``, so results do not depend on the device.
@@ -173,7 +173,7 @@ def _search(
 
 
 def search_strategy(params: ApemParams) -> FlipSearch:
-    """The flip search ``params.search`` names (thesis 003, section 3.3 steps 3-7)."""
+    """The flip search ``params.search`` names ([doValle2019, §3.3], steps 3-7)."""
     if params.search == "exact":
         return CertifiedScan(params.first_chunk)
     return SEARCHES[params.search]()
@@ -187,7 +187,7 @@ def apem(
     labels: torch.Tensor | None = None,
     params: dict[str, Any] | ApemParams | None = None,
 ) -> ApemOutcome:
-    """APEM (thesis 003, chapter 3) and optionally ``APEM_norm`` (section 5.2) of a set.
+    """APEM [doValle2019, ch. 3] and optionally ``APEM_norm`` [doValle2019, §5.2] of a set.
 
     Args:
         model: pixel-space classifier.

@@ -1,4 +1,4 @@
-"""The Explanation Filter (thesis 003, section 3.2, Algorithm 2).
+"""The Explanation Filter [doValle2019, §3.2, Alg. 2].
 
 Algorithm 2 zeroes the least relevant non-zero value of a relevance map, recomputes APEM,
 and repeats until APEM drops below its previous value; it returns the last map before the
@@ -9,8 +9,8 @@ thresholds at once: candidate ``t`` is the map with its ``t`` smallest distinct 
 values zeroed (what the literal loop holds after ``t`` iterations), and the ``2T`` searches
 (``eps-`` and ``eps+`` of ``T`` candidates) share forward passes. The first candidate whose
 APEM is below its predecessor's ends the filter, as in the literal loop; batches grow
-while no drop is found. :func:`explanation_filter_literal` is Algorithm 2 line by line, the
-reference the tests compare against.
+while no drop is found. The tests compare it with Algorithm 2 line by line
+(``explanation_filter_literal`` in ``tests/unit/adversarial_helpers.py``).
 
 Under a :func:`~handlers.deadline.time_limit` the filter scores the first candidate alone
 (so that a call has progress to show), stops between batches when the next one would not
@@ -34,7 +34,6 @@ from handlers.attacks.base import check_images, device_of, evaluation_mode
 from handlers.deadline import TimeLimitExceeded, time_left
 from handlers.metrics.apem import (
     ApemParams,
-    apem,
     check_relevance,
     directed,
     loss_gradient_sign,
@@ -99,13 +98,14 @@ def quantise(relevance: torch.Tensor, levels: int | None) -> torch.Tensor:
     return torch.round(relevance * (levels - 1)) / (levels - 1)
 
 
-def _fraction_kept(before: torch.Tensor, after: torch.Tensor) -> float:
+def fraction_kept(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Non-zero values of ``after`` over non-zero values of ``before`` (1 for an empty map)."""
     nonzero = int((before > 0).sum())
     return 1.0 if nonzero == 0 else int((after > 0).sum()) / nonzero
 
 
 class _CandidateScorer:
-    """APEM (thesis 003, chapter 3) of many candidate maps of one image per batched search."""
+    """APEM [doValle2019, ch. 3] of many candidate maps of one image per batched search."""
 
     def __init__(self, model: nn.Module, image: torch.Tensor, target: int | None, params: ApemParams):
         self.model, self.image, self.params = model, image, params
@@ -140,7 +140,7 @@ def explanation_filter(
     apem_params: dict[str, Any] | ApemParams | None = None,
     params: dict[str, Any] | FilterParams | None = None,
 ) -> FilterOutcome:
-    """Algorithm 2 of thesis 003 (section 3.2) with candidate thresholds scored in batches.
+    """[doValle2019, Alg. 2] with candidate thresholds scored in batches.
 
     Args:
         model: pixel-space classifier.
@@ -225,63 +225,11 @@ def _outcome(
         filtered=filtered.cpu(),
         apem_before=before,
         apem_after=after,
-        fraction_kept=_fraction_kept(original, filtered),
+        fraction_kept=fraction_kept(original, filtered),
         values_removed=removed,
         candidates_scored=scored,
         stop=stop,
         stats=scorer.stats,
         approximate=SEARCHES[params.search].approximate,
-        distinct_values=distinct,
-    )
-
-
-def explanation_filter_literal(
-    model: nn.Module,
-    image: torch.Tensor,
-    relevance: torch.Tensor,
-    target: int | None = None,
-    apem_params: dict[str, Any] | ApemParams | None = None,
-    levels: int | None = None,
-) -> FilterOutcome:
-    """Algorithm 2 of thesis 003 (section 3.2) line by line: one APEM per distinct value.
-
-    The reference for :func:`explanation_filter`; slow on real maps. When no positive value
-    is left, ``get_minimum_positive_value`` is undefined and the loop ends with that map.
-    """
-    ap = parse_params(ApemParams, apem_params)
-    targets = None if target is None else torch.tensor([target])
-    relevance_map = quantise(relevance, levels)
-    distinct = int(torch.unique(relevance_map[relevance_map > 0]).numel())
-    stats = SearchStats()
-
-    def score(r: torch.Tensor) -> float:
-        outcome = apem(model, image.unsqueeze(0), r.unsqueeze(0), targets=targets, params=ap)
-        stats.add(outcome.stats)
-        return outcome.apem
-
-    current_apem = score(relevance_map)  # line 2
-    before, removed, scored = current_apem, 0, 1
-    while True:  # lines 3-9
-        best_map, best_apem = relevance_map, current_apem  # lines 4-5
-        if not (best_map > 0).any():
-            stop: Stop = "map_exhausted"
-            break
-        min_val = best_map[best_map > 0].min()  # line 6
-        relevance_map = torch.where(best_map == min_val, 0.0, best_map)  # line 7
-        current_apem, scored = score(relevance_map), scored + 1  # line 8
-        if current_apem < best_apem:  # line 9
-            stop = "apem_dropped"
-            break
-        removed += 1
-    return FilterOutcome(
-        filtered=best_map,
-        apem_before=before,
-        apem_after=best_apem,
-        fraction_kept=_fraction_kept(relevance, best_map),
-        values_removed=removed,
-        candidates_scored=scored,
-        stop=stop,
-        stats=stats,
-        approximate=SEARCHES[ap.search].approximate,
         distinct_values=distinct,
     )

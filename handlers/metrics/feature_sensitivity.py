@@ -1,5 +1,5 @@
 """Spurious-feature audit: how much a model's accuracy rests on the regions each neural
-feature sees (paper 002, "Salient ImageNet", sections 3.2 and 5).
+feature sees ([Singla2022, §3.2, §5], "Salient ImageNet").
 
 For the images of one class the audit ranks the penultimate-layer features by their
 importance for the class (section 3.2), takes each feature's neural activation map as a
@@ -52,7 +52,7 @@ class NoiseSensitivity:
 
 @dataclass(frozen=True)
 class ClassFeatures:
-    """Each image's neural features for its label (paper 002, section 3.2)."""
+    """Each image's neural features for its label [Singla2022, §3.2]."""
 
     importance: Tensor
     """``(N, C)`` importance of every feature for the image's label."""
@@ -76,7 +76,7 @@ def class_features(model: nn.Module, images: Tensor, labels: Tensor) -> ClassFea
 
 
 def gaussian_corruption(images: Tensor, masks: Tensor, sigma: float, noise: Tensor) -> Tensor:
-    """Paper 002, equation 1: ``clip(x + sigma * z * m, 0, 1)``.
+    """[Singla2022, eq. 1]: ``clip(x + sigma * z * m, 0, 1)``.
 
     ``images`` and ``noise`` are ``(N, C, H, W)``, ``masks`` ``(N, H, W)`` in [0, 1].
     """

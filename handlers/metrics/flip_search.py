@@ -1,9 +1,9 @@
 """Searches for the smallest perturbation size on a grid that changes a prediction.
 
-APEM (thesis 003, chapter 3 and figure 3.1, steps 3-7) perturbs an image as
+APEM ([doValle2019, ch. 3, fig. 3.1], steps 3-7) perturbs an image as
 ``x' = x + eps * d`` for a direction ``d`` and increases ``eps`` until the prediction
 changes. Here a *unit* is one image with ``G`` member directions (``G = 1`` for APEM; the
-shuffled maps of ``APEM_norm``, thesis section 5.2, form one unit whose answer is the first
+shuffled maps of ``APEM_norm`` [doValle2019, §5.2] form one unit whose answer is the first
 ``eps`` at which *any* member flips). The grid is ``eps_k = k * step``, ``k = 1..max_steps``.
 
 Four strategies, one interface (STYLE 2):
@@ -193,7 +193,7 @@ class FlipSearch(ABC):
 
 
 class SequentialScan(FlipSearch):
-    """Thesis 003, section 3.3, steps 3-7: ``eps = step, 2 step, ...`` one pass at a time."""
+    """[doValle2019, §3.3], steps 3-7: ``eps = step, 2 step, ...`` one pass at a time."""
 
     def search(self, problem: FlipProblem, grid: Grid, hints: torch.Tensor | None = None) -> torch.Tensor:
         """Scan each unit's grid in order with one forward pass per ``eps``."""
@@ -208,7 +208,7 @@ class SequentialScan(FlipSearch):
 
 
 class BatchedScan(FlipSearch):
-    """Exact scan with many ``(unit, eps)`` pairs per forward pass (thesis 003, section 3.3).
+    """Exact scan with many ``(unit, eps)`` pairs per forward pass ([doValle2019, §3.3]).
 
     Each unit scans its own grid in order, in chunks of consecutive ``k`` that start at
     ``first_chunk`` (or the unit's hint) and double while no flip is found; the pairs of all
@@ -279,8 +279,7 @@ class CertifiedScan(FlipSearch):
 
     Each unit walks its grid in order. It asks :meth:`FlipProblem.certify` for
     ``runs_per_pass`` consecutive runs of ``run`` grid points (up to ``spread`` times as many
-    while few units share the pass; measured, eight images of shapes-resnet one per call:
-    80-90 instead of 107-110 ms per image, and 50-59 instead of 56-69 ms all in one call)
+    while few units share the pass, which is faster at one image per call and at eight)
     and skips the runs proven before the first unproven one. ``run`` grows by a quarter
     after a round whose runs were all proven (up to ``longest_run``) and halves otherwise;
     once a run of ``shortest_run`` points is not proven, the unit evaluates its next
@@ -296,15 +295,13 @@ class CertifiedScan(FlipSearch):
     proves nothing, or once, after ``rounds_before_judging`` rounds, they have proven fewer
     than ``points_per_run`` grid points per run tried (a unit's runs up to its first
     unproven one; the runs after it are spare rows of a pass that was made anyway): one run
-    costs about as much as evaluating that many points (measured on the demo models: 5x a
-    forward pass on shapes-resnet, 11x on shapes-vgg, whose first layer runs at full
-    resolution), so from
+    costs about as much as evaluating that many points (a few forward passes; more where
+    the first layer runs at full resolution, as in shapes-vgg), so from
     then on the search is :class:`BatchedScan`'s. Deep networks get there: the radius grows
     by about the ratio of ``|W|`` to ``W`` in every layer.
 
-    The growth of a quarter is measured: on the demo shapes-resnet (step 1 x 2000, eight
-    images) doubling after success proved 47 % of the runs it tried, growing by a quarter
-    70 %, and took 1.6x the time.
+    The growth of a quarter proves more of the runs it tries than doubling does, in less
+    time. The figures behind these choices: benchmarks/results/adversarial.md.
     """
 
     growth = 1.25
@@ -322,9 +319,10 @@ class CertifiedScan(FlipSearch):
 
     def search(self, problem: FlipProblem, grid: Grid, hints: torch.Tensor | None = None) -> torch.Tensor:
         """Certified exact scan (see the class docstring). ``hints`` only size the work of
-        the fallback: a proof as long as a hinted flip is seldom possible, and measured on
-        the Explanation Filter's rounds (whose hints are the last round's answers) starting
-        from ``first_chunk`` took 10.8 s where starting from half the hint took 14.5 s."""
+        the fallback: a proof as long as a hinted flip is seldom possible, and on the
+        Explanation Filter's rounds (whose hints are the last round's answers) starting from
+        ``first_chunk`` was faster than starting from half the hint
+        (benchmarks/results/adversarial.md)."""
         if problem.bounds is None:
             return BatchedScan(self.first_chunk).search(problem, grid, hints)
         n = problem.units

@@ -2,7 +2,7 @@
 
 The exact flip search (:mod:`handlers.metrics.flip_search`) must find the *first* grid
 point ``eps_k = k * step`` at which ``x + eps_k d`` changes the prediction, without assuming
-that flips are monotone in ``eps`` (thesis 003, section 3.3, steps 3-7). Evaluating every
+that flips are monotone in ``eps`` ([doValle2019, §3.3], steps 3-7). Evaluating every
 grid point below the flip is what made the exact search cost as many evaluations as the
 thesis's scan. Here a whole run of grid points is cleared at once by proving that no point
 of the segment ``{x + (e0 + t) d : 0 <= t <= T}`` can change the prediction.
@@ -12,8 +12,7 @@ The proof propagates an enclosure of every activation through the network:
 direction, carried exactly through every linear layer) and a radius ``r >= 0`` (what the
 non-linear layers cannot carry). Linear layers map ``(c, s)`` by ``W`` and ``r`` by
 ``|W|``; a ReLU that is active or inactive on the whole segment is exact; one that changes
-sign is replaced by the parallel-bounds relaxation of DeepZ (Singh et al., "Fast and
-Effective Robustness Certification", NeurIPS 2018, section 3): with ``l < 0 < u`` the
+sign is replaced by the parallel-bounds relaxation of DeepZ ([Singh2018, §3]): with ``l < 0 < u`` the
 bounds of its input, ``relu(z) in lambda z + mu +- mu``, ``lambda = u / (u - l)``,
 ``mu = -lambda l / 2``. Max-pooling is exact in a window whose best unit stays on top
 and a constant interval elsewhere. The margin of the reference class over class ``j`` is
@@ -21,9 +20,9 @@ bounded through the difference of their rows of the last linear layer, so its ra
 ``|w_ref - w_j| . r`` and not the looser sum.
 
 Along an APEM path only a few of the tens of thousands of ReLUs change sign between two
-grid points (measured on the demo shapes-resnet: 8-27), so the enclosures stay tight: on
-the demo test images, runs of 16-128 grid points are proven up to one to four points
-before the flip. The radius grows by about the ratio of ``|W|`` to ``W`` in every layer,
+grid points, so the enclosures stay tight and long runs are proven up to a few points
+before the flip (measured on the demo models: benchmarks/results/adversarial.md). The
+radius grows by about the ratio of ``|W|`` to ``W`` in every layer,
 so on deep networks only short segments are proven (the search then stops trying).
 """
 

@@ -1,11 +1,11 @@
-"""Overinterpretation of a set of images (paper 004): each image's sufficient input subset
+"""Overinterpretation of a set of images [Carter2021]: each image's sufficient input subset
 for its label, the confidence left with 95 % of it masked, and where the subset lies.
 
-Paper 004 (abstract) calls a confident decision without salient supporting pixels
+[Carter2021, abstract] calls a confident decision without salient supporting pixels
 overinterpretation, and shows CIFAR-10 models "confident even when 95% of an input image
 has been masked". This scores a set with the ``sis`` explainer (its parameters, its
 definitions) and, for images given annotated regions (a core and a spurious mask, as in
-paper 002's Salient ImageNet), the share of each subset on each region: a subset that lies
+[Singla2022]'s Salient ImageNet), the share of each subset on each region: a subset that lies
 on the background is the pathology the paper shows.
 """
 

@@ -26,7 +26,7 @@ class SplitNetwork(nn.Module):
 
     ``features`` produces the last convolutional feature map ``(B, C, h, w)``;
     ``head`` maps it to logits. The penultimate-layer embedding is the global average of
-    the feature map (paper 002, section 3: "neural features" of the penultimate layer).
+    the feature map ([Singla2022, §3]: "neural features" of the penultimate layer).
     """
 
     def __init__(self, features: nn.Module, head: nn.Module) -> None:

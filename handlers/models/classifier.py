@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +121,3 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     image = image.crop((left, top, left + c, top + c))
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def labels_from_json(path: Path) -> list[str]:
-    """Read TorchServe's ``index_to_name.json`` (``{"0": "name", ...}``) into a list."""
-    mapping = json.loads(path.read_text())
-    return [mapping[str(i)] if not isinstance(mapping[str(i)], list) else mapping[str(i)][-1]
-            for i in range(len(mapping))]

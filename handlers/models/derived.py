@@ -136,9 +136,8 @@ def inference_layout(batch: Tensor) -> Tensor:
     """``batch`` in channels-last memory order, for a forward pass without gradients.
 
     On the CPU, convolutions on channels-last input take oneDNN's kernels instead of the
-    im2col path: measured on two cores, shapes-resnet at batch 128 runs 0.37 -> 0.20 ms per
-    image and resnet18 at batch 16 25.5 -> 21.3 ms per image; the logits agree with the
-    default layout to about 1e-6. Input gradients through this layout
+    im2col path, which is faster (benchmarks/results/inference.md); the logits agree with
+    the default layout to about 1e-6. Input gradients through this layout
     (:class:`FusedClassifier`) agree with the served network's to float rounding.
     """
     return batch.contiguous(memory_format=torch.channels_last)
@@ -150,11 +149,9 @@ def _inference_network(network: nn.Module) -> nn.Module:
     The served networks keep their ReLUs out of place for the explainers' hooks; a copy that
     nobody hooks need not (autograd allows it: no layer of the served architectures saves
     the output that a ReLU after it overwrites). In place, a ReLU allocates no new activation
-    tensor. shapes-resnet scoring 1000 images at batch 128 on two cores (interleaved, best
-    of 8-20): 139 instead of 152 ms with the workers' allocator settings
-    (:mod:`handlers.allocator`); with glibc's defaults anywhere from no change to 197 -> 145
-    ms, depending on how much the allocator has to fault in again. resnet18 on one thread:
-    the same at batch 1 and 4, 3-9 % faster at batch 8. Same logits, bit for bit.
+    tensor, which saves time, most with glibc's default allocator settings, which fault
+    more memory in again (:mod:`handlers.allocator`; measured:
+    benchmarks/results/inference.md). Same logits, bit for bit.
     """
     duplicate = frozen_copy(network).to(memory_format=torch.channels_last)
     for module in duplicate.modules():
@@ -264,8 +261,8 @@ def inference_logits(model: nn.Module, batch: Tensor) -> Tensor:
     """Logits of a batch that is only scored: no autograd, batch norm merged, channels-last.
 
     For a :class:`~handlers.models.classifier.PixelClassifier` the network runs as its
-    cached inference copy (batch norm folded into the convolutions, channels-last weights):
-    shapes-resnet at batch 128 on two CPU cores 0.37 -> 0.16 ms per image. Other modules
+    cached inference copy (batch norm folded into the convolutions, channels-last weights;
+    the speed-up: benchmarks/results/inference.md). Other modules
     run as they are, on channels-last input. Logits agree with ``model(batch)`` to about
     1e-6 (float32); every caller that compares predictions uses this one function for all
     of them (e.g. the exact flip search and the sequential scan).
@@ -277,9 +274,8 @@ def inference_logits(model: nn.Module, batch: Tensor) -> Tensor:
 def inference_features(model: nn.Module, batch: Tensor) -> Tensor:
     """``model.feature_map(batch)`` through the fused inference copy, without autograd.
 
-    For Grad-CAM and NAM, whose gradient only runs through the head: on two CPU cores the
-    shapes-resnet feature map of one image takes 0.44 ms this way against 0.78 ms through
-    the served network. Runs under ``no_grad``, not inference mode, so the result may be
+    For Grad-CAM and NAM, whose gradient only runs through the head (faster than the
+    served network's feature extractor: benchmarks/results/inference.md). Runs under ``no_grad``, not inference mode, so the result may be
     made a leaf of a graph through the head. Values agree with ``model.feature_map`` to
     about 1e-6. Needs a :class:`~handlers.models.classifier.PixelClassifier`.
     """

@@ -1,9 +1,10 @@
 """Model criticism: choose prototypes and criticisms of a class (torch-free).
 
 ``select(method, SelectionInputs(...), params)`` with ``method`` in ``adversarial``,
-``mmd``, ``probs``, ``random`` (paper 000, sections 2 and 3.3) and ``gallery_png`` for the
-picture. Nothing imported here needs torch, so the RQ workers can use it; the torch-side
-helper that gathers the inputs from a model in-process is ``handlers.criticism.gather``.
+``mmd``, ``probs``, ``random`` ([Stock2018, §2, §3.3]) and ``gallery_png`` for the picture.
+Nothing imported here needs torch, so the RQ workers can use it; the inputs come from the
+model server's ``embed`` and ``robustness`` tasks. Citations such as ``[Stock2018, §3.3]``
+are keys into ``docs/references.md``.
 """
 
 from protocol.criticism.gallery import gallery_png

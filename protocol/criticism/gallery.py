@@ -1,6 +1,6 @@
 """PNG encoding and the prototypes/criticisms gallery (numpy and Pillow only, no torch).
 
-The gallery mirrors paper 000, figures 7-8: prototypes in the first row, criticisms in the
+The gallery mirrors [Stock2018, figs. 7-8]: prototypes in the first row, criticisms in the
 second, each tile captioned with its index and score.
 """
 

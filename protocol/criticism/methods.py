@@ -68,17 +68,6 @@ class Selection:
     params: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (what an RQ job stores)."""
-        return {
-            "method": self.method,
-            "score_name": self.score_name,
-            "prototypes": [vars(item) for item in self.prototypes],
-            "criticisms": [vars(item) for item in self.criticisms],
-            "params": self.params,
-            "details": self.details,
-        }
-
 
 class SelectionParams(StrictParams):
     """Common parameters: how many prototypes and criticisms to return."""
@@ -101,7 +90,7 @@ class AdversarialParams(SelectionParams):
 
 
 class ProbsParams(SelectionParams):
-    """Probability baseline thresholds (paper 000, section 3.3: 0.9 and 0.1)."""
+    """Probability baseline thresholds ([Stock2018, §3.3]: 0.9 and 0.1)."""
 
     high: float = Field(0.9, ge=0, le=1)
     low: float = Field(0.1, ge=0, le=1)
@@ -193,7 +182,7 @@ def select(
 
 @register_selection("adversarial")
 class AdversarialSelection(SelectionMethod):
-    """Paper 000, section 3.3: never flipped within ``M`` IFGSM steps vs. flipped soonest."""
+    """[Stock2018, §3.3]: never flipped within ``M`` IFGSM steps vs. flipped soonest."""
 
     score_name = "steps_to_flip"
     requires = ("steps_to_flip",)
@@ -226,7 +215,7 @@ def _never_as_nan(picked: sel.Picked) -> sel.Picked:
 
 @register_selection("mmd")
 class MMDCriticSelection(SelectionMethod):
-    """MMD-critic on embeddings (paper 000, section 2, equation 3; Kim et al. 2016).
+    """MMD-critic on embeddings ([Stock2018, §2, eq. 3]; [Kim2016]).
 
     Prototype scores are ``J_b`` of the prototype set after each pick, criticism scores
     their witness values.
@@ -245,7 +234,7 @@ class MMDCriticSelection(SelectionMethod):
 
 @register_selection("probs")
 class ProbabilitySelection(SelectionMethod):
-    """Paper 000, section 3.3 baseline: confidence above ``high`` vs. below ``low``."""
+    """[Stock2018, §3.3] baseline: confidence above ``high`` vs. below ``low``."""
 
     score_name = "confidence"
     requires = ("confidence",)
@@ -264,7 +253,7 @@ class ProbabilitySelection(SelectionMethod):
 
 @register_selection("random")
 class RandomSelection(SelectionMethod):
-    """Paper 000, section 3.3 baseline: a seeded random sample of the class."""
+    """[Stock2018, §3.3] baseline: a seeded random sample of the class."""
 
     score_name = "draw"
     params_model = RandomParams

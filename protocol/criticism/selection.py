@@ -3,14 +3,14 @@
 The RQ workers gather embeddings, probabilities and steps-to-flip from TorchServe and
 select here, so this module imports numpy only.
 
-* MMD-critic (Kim et al. 2016; paper 000, section 2, equation 3): greedy prototypes
+* MMD-critic ([Kim2016]; [Stock2018, §2, eq. 3]): greedy prototypes
   maximising ``J_b(S)`` and greedy criticisms maximising the absolute witness function
-  plus ``lambda * log det K_{C,C}`` (``lambda = 1e-5`` in paper 000, section 3.3). The
+  plus ``lambda * log det K_{C,C}`` (``lambda = 1e-5`` in [Stock2018, §3.3]). The
   log-determinant gains come from an incremental Cholesky factorisation (one row per
   selected criticism), never from re-inverting ``K_{C,C}``.
-* adversarial selection (paper 000, section 3.3): prototypes never flip within ``M``
+* adversarial selection [Stock2018, §3.3]: prototypes never flip within ``M``
   IFGSM steps, criticisms flip after the fewest steps.
-* probability and random baselines (paper 000, section 3.3).
+* probability and random baselines [Stock2018, §3.3].
 
 Every function returns ``(indices, scores)`` pairs as numpy arrays, best first.
 """
@@ -66,7 +66,8 @@ class PairwiseBlocks:
     ``R_j = (x_j, 1, |x_j|^2)``. Values are clipped to the sign of ``alpha`` and are exactly
     0 for ``i = j``. The blocks of :meth:`upper` share one buffer: a fresh array per block
     comes from ``mmap`` under glibc's default ``malloc`` thresholds (as in an RQ worker) and
-    page-faults its memory in again, which made the whole pass 2.5 times slower.
+    page-faults its memory in again, which made the whole pass several times slower
+    (benchmarks/results/adversarial.md).
     """
 
     def __init__(self, x: np.ndarray, alpha: float) -> None:
@@ -273,20 +274,8 @@ class RbfKernel:
 
 
 # --------------------------------------------------------------------------- MMD-critic
-def j_b(kernel: np.ndarray, selected: Sequence[int]) -> float:
-    """Paper 000, equation 3.
-
-``J_b(S) = 2/(n|S|) sum_{i in [n], j in S} k_ij - 1/|S|^2 sum_{i, j in S} k_ij``.
-"""
-    s = np.asarray(selected, dtype=np.int64)
-    if s.size == 0:
-        return 0.0
-    n = kernel.shape[0]
-    return float(2.0 * kernel[:, s].sum() / (n * s.size) - kernel[np.ix_(s, s)].sum() / s.size**2)
-
-
-def mmd_prototypes(kernel: RbfKernel, m: int) -> Picked:
-    """Greedy maximisation of ``J_b(S)`` (paper 000, equation 3; Kim et al. 2016, eq. 4).
+def mmd_prototypes(kernel: RbfKernel, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy maximisation of ``J_b(S)`` ([Stock2018, eq. 3]; [Kim2016, eq. 4]).
 
     Adding ``c`` to ``S`` (``|S| = s``) gives
     ``(s + 1) J_b(S + c) = const + 2 colsum_c / n - (2 sum_{j in S} k_jc + k_cc) / (s + 1)``,
@@ -294,14 +283,9 @@ def mmd_prototypes(kernel: RbfKernel, m: int) -> Picked:
     ranks all candidates in ``O(n)`` per step.
 
     Returns:
-        Indices in the order picked and ``J_b`` of the prototype set after each pick.
+        Indices in the order picked, ``J_b`` of the prototype set after each pick, and the
+        sum of the picked kernel rows (what :func:`witness` needs).
     """
-    picked, values, _ = _greedy_prototypes(kernel, m)
-    return picked, values
-
-
-def _greedy_prototypes(kernel: RbfKernel, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`mmd_prototypes`, and the sum of the picked kernel rows (for the witness)."""
     n = kernel.n
     m = min(m, n)
     colsum = kernel.colsum
@@ -325,7 +309,7 @@ def _greedy_prototypes(kernel: RbfKernel, m: int) -> tuple[np.ndarray, np.ndarra
 
 
 def witness(kernel: RbfKernel, prototypes: Sequence[int], row_sum: np.ndarray | None = None) -> np.ndarray:
-    """Witness function of MMD-critic (Kim et al. 2016, section 3) at every example.
+    """Witness function of MMD-critic [Kim2016, §3] at every example.
 
     ``w(x) = 1/n sum_i k(x, x_i) - 1/|S| sum_{j in S} k(x, x_j)``: positive where the data
     are denser than the prototypes, negative where the prototypes over-represent.
@@ -343,8 +327,8 @@ def mmd_criticisms(
 ) -> Picked:
     """Greedy criticisms: maximise ``sum_{c in C} |w(c)| + lam * log det K_{C,C}``.
 
-    Kim et al. 2016, equation 5, with the log-determinant diversity regulariser weighted
-    by ``lam`` (paper 000, section 3.3: ``lambda = 1e-5``). The gain of candidate ``c`` is
+    [Kim2016, eq. 5], with the log-determinant diversity regulariser weighted
+    by ``lam`` ([Stock2018, §3.3]: ``lambda = 1e-5``). The gain of candidate ``c`` is
     ``|w(c)| + lam * log(k_cc - k_Cc^T K_CC^-1 k_Cc)`` (the Schur complement, by the
     determinant lemma). ``L^-1 k_Cc`` for all candidates is kept as a matrix that grows by
     one row per pick (incremental Cholesky), so each step costs ``O(|C| n)``.
@@ -383,13 +367,13 @@ def mmd_critic(
     bandwidth: float | None = None,
     lam: float = 1e-5,
 ) -> tuple[Picked, Picked, float]:
-    """MMD-critic on ``(n, d)`` embeddings (paper 000, section 2; Kim et al. 2016).
+    """MMD-critic on ``(n, d)`` embeddings ([Stock2018, §2]; [Kim2016]).
 
     Returns:
         ``(prototypes, J_b values)``, ``(criticisms, witness values)`` and the bandwidth.
     """
     kernel = RbfKernel(embeddings, bandwidth)
-    picked, values, row_sum = _greedy_prototypes(kernel, n_prototypes)
+    picked, values, row_sum = mmd_prototypes(kernel, n_prototypes)
     criticisms = mmd_criticisms(kernel, picked, n_criticisms, lam, row_sum)
     return (picked, values), criticisms, kernel.sigma
 
@@ -402,7 +386,7 @@ def adversarial_selection(
     robustness: Sequence[float] | np.ndarray | None = None,
     include_misclassified: bool = False,
 ) -> tuple[Picked, Picked]:
-    """Adversarial model criticism (paper 000, section 3.3).
+    """Adversarial model criticism [Stock2018, §3.3].
 
     Prototypes are the examples still correctly classified after ``M`` IFGSM steps
     (``steps_to_flip`` None or -1), most robust first; criticisms are the examples that
@@ -434,7 +418,7 @@ def probability_selection(
     high: float = 0.9,
     low: float = 0.1,
 ) -> tuple[Picked, Picked]:
-    """Probability baseline (paper 000, section 3.3): confident prototypes, unsure criticisms.
+    """Probability baseline [Stock2018, §3.3]: confident prototypes, unsure criticisms.
 
     Prototypes: probability of the class above ``high`` (most confident first);
     criticisms: below ``low`` (least confident first).
@@ -449,7 +433,7 @@ def probability_selection(
 
 
 def random_selection(n: int, n_prototypes: int, n_criticisms: int, seed: int) -> tuple[Picked, Picked]:
-    """Random baseline (paper 000, section 3.3): a seeded sample without replacement.
+    """Random baseline [Stock2018, §3.3]: a seeded sample without replacement.
 
     The scores are the draw order.
     """

@@ -1,1 +1,4 @@
-"""Parameter models of the methods both sides validate: attacks, APEM, the filter and SIS."""
+"""Parameter models of the methods both sides validate: explainers, attacks, APEM, the filter.
+
+Citations such as ``[Stock2018, §3.2]`` are keys into ``docs/references.md``.
+"""

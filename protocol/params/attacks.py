@@ -1,7 +1,7 @@
 """Parameter models of the gradient-sign attack family (pydantic, torch-free).
 
 All budgets are in the classifier's [0, 1] pixel space (normalisation happens inside the
-model wrapper). The defaults of :class:`IFGSMParams` are paper 000's (section 3.2): step
+model wrapper). The defaults of :class:`IFGSMParams` are [Stock2018, §3.2]'s: step
 size 0.001, ``M = 10`` iterations.
 
 Each model turns itself into the same :class:`CoreSettings` (``core()``), so FGSM and PGD
@@ -83,13 +83,13 @@ class AttackParams(StrictParams):
 
 
 class IFGSMParams(AttackParams):
-    """Iterative FGSM / BIM (paper 000, section 2 and 3.2).
+    """Iterative FGSM / BIM ([Stock2018, §2, §3.2]; [Kurakin2017]).
 
     Attributes:
-        step_size: size of one step (``alpha``); paper 000 uses 0.001.
-        steps: number of iterations ``M``; paper 000 uses 10.
+        step_size: size of one step (``alpha``); [Stock2018, §3.2] uses 0.001.
+        steps: number of iterations ``M``; [Stock2018, §3.2] uses 10.
         eps: radius of the ball the perturbation is projected onto after every step;
-            ``None`` (default) means no projection (only the [0, 1] box), as in paper 000,
+            ``None`` (default) means no projection (only the [0, 1] box), as in [Stock2018],
             where the size is bounded by ``steps * step_size`` anyway.
     """
 
@@ -108,7 +108,7 @@ class IFGSMParams(AttackParams):
 
 
 class FGSMParams(AttackParams):
-    """FGSM (paper 000, section 2): one step of size ``eps``, i.e. IFGSM with ``M = 1``."""
+    """FGSM ([Stock2018, §2]; [Goodfellow2015]): one step of size ``eps``, i.e. IFGSM with ``M = 1``."""
 
     eps: float = Field(0.01, gt=0)
 
@@ -122,7 +122,7 @@ class FGSMParams(AttackParams):
 
 
 class PGDParams(IFGSMParams):
-    """PGD (Madry et al.): IFGSM from a random point of the ``eps`` ball, projected each step.
+    """PGD [Madry2018]: IFGSM from a random point of the ``eps`` ball, projected each step.
 
     Attributes:
         eps: radius of the ball (required; default 8/255).

@@ -1,17 +1,23 @@
-"""Parameters of APEM and the Explanation Filter (thesis 003, chapter 3, section 5.2,
-Algorithm 2) and of sufficient input subsets (paper 004): pydantic and the standard library only, so that the gateway can refuse bad
-values when a request or job arrives, before TorchServe or a worker spends time on it."""
+"""Parameters of APEM and the Explanation Filter ([doValle2019, ch. 3, §5.2, Alg. 2]):
+pydantic and the standard library only, so that the gateway can refuse bad values when a
+request or job arrives, before TorchServe or a worker spends time on it.
+
+:class:`SisParams` (the ``sis`` explainer's, which the overinterpretation job checks) lives
+with the other explainers' in :mod:`protocol.params.explainers`; it is importable here too.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from protocol.budget import MAX_BATCH_SIZE
+from protocol.params.explainers import SisParams
 from protocol.validation import StrictParams
+
+__all__ = ["GRID_UNIT", "ApemParams", "FilterParams", "Grid", "SisParams"]
 
 GRID_UNIT = "L1 norm of x' - x over the 3 channels, in [0, 1] pixel units (before clipping)"
 
@@ -86,40 +92,3 @@ class FilterParams(StrictParams):
     candidates_per_batch: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     max_candidates_per_batch: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     levels: int | None = Field(None, ge=2, le=1 << 24)
-
-
-MAX_SELECTION_STEPS = 1000
-
-
-class SisParams(StrictParams):
-    """Backward selection of the ``sis`` explainer (paper 004: 95 % of the image masked, so
-    5 % kept); checked by the gateway when an overinterpretation job arrives."""
-
-    threshold: float = Field(
-        0.9, gt=0.0, lt=1.0, description="tau: target probability a subset must keep to be sufficient"
-    )
-    keep_fraction: float = Field(
-        0.05, gt=0.0, lt=1.0, description="share of pixels kept for the confidence check (paper: 0.05)"
-    )
-    step_fraction: float = Field(
-        0.02,
-        ge=1.0 / MAX_SELECTION_STEPS,
-        le=0.5,
-        description="share of all pixels removed per selection step (one forward and backward pass)",
-    )
-    mask_value: Literal["mean"] | float = Field(
-        "mean",
-        description="what a masked pixel shows: 'mean' (the model's normalisation mean, zero after "
-        "normalising) or a grey level in [0, 1]",
-    )
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="images per model pass (capped by pixels)")
-
-    @model_validator(mode="after")
-    def _check_mask_value(self) -> SisParams:
-        if isinstance(self.mask_value, float) and not 0.0 <= self.mask_value <= 1.0:
-            raise ValueError("mask_value must be 'mean' or a grey level in [0, 1]")
-        return self
-
-    @property
-    def passes_per_image(self) -> int:
-        return math.ceil(1.0 / self.step_fraction) + 1

@@ -1,7 +1,7 @@
-"""Attacks and adversarial model criticism on the trained demo models (paper 000, section 3).
+"""Attacks and adversarial model criticism on the trained demo models [Stock2018, §3].
 
 Measured on the first 150 test images (2 CPU cores), over training seeds 0-2
-(``docs/seeds.md``): IFGSM with paper 000's parameters (step 0.001, M = 10, so at most
+(``docs/seeds.md``): IFGSM with [Stock2018, §3.2]'s parameters (step 0.001, M = 10, so at most
 0.01 = 2.55/255 per pixel) flips 90-97 % of the correctly classified images of
 shapes-resnet-faint (shapes at 60 % opacity), as it flipped about nine in ten of the
 paper's ImageNet ResNet-101 (accuracy 77.31% -> 7.96%, section 3.2). The full-opacity
@@ -21,17 +21,18 @@ from PIL import Image
 
 from handlers.attacks import get_attack
 from handlers.attacks.base import NEVER
-from handlers.attacks.pictures import adversarial_png, explain_adversarial, perturbation_png
-from handlers.criticism.gather import gather_inputs
+from handlers.attacks.pictures import adversarial_png, perturbation_png
+from handlers.explainers import explain
 from handlers.models.derived import fused_classifier
 from model_store.train import to_tensor
 from protocol.criticism import gallery_png, select
+from tests.unit.adversarial_helpers import gather_inputs
 
 MODELS = [
     ("shapes-resnet", "spurious", (0.01, 0.15)),
     ("shapes-vgg", "spurious", (0.02, 0.2)),
     ("shapes-resnet-fair", "fair", (0.15, 0.5)),
-    ("shapes-resnet-faint", "faint", (0.85, 1.0)),  # "most", as in paper 000
+    ("shapes-resnet-faint", "faint", (0.85, 1.0)),  # "most", as in [Stock2018, §3.2]
 ]
 
 
@@ -96,7 +97,7 @@ def test_torchattacks_through_the_served_network_reaches_the_same_verdicts(demo_
     x, y = _correct(model, shapes_split("fair", "test"), 64)
     x = x.contiguous()
     expected = torchattacks.BIM(model, eps=0.01, alpha=0.001, steps=10)(x, y)
-    result = get_attack("ifgsm", {"stop_at_flip": False})(model, x, y)  # paper 000's parameters
+    result = get_attack("ifgsm", {"stop_at_flip": False})(model, x, y)  # [Stock2018, §3.2]'s parameters
     with torch.no_grad():
         their_success = model(expected).argmax(1) != y
     assert 0.2 <= result.success.float().mean() <= 0.9  # a mix of verdicts to agree on
@@ -127,7 +128,7 @@ def test_pictures_and_the_explanation_of_the_adversarial_class(demo_model, shape
     result = get_attack("ifgsm", {"step_size": 0.008})(model, x, y)
     for png in (adversarial_png(result.adversarial[0]), perturbation_png(x[0], result.adversarial[0])):
         assert Image.open(io.BytesIO(png)).size == (64, 64)
-    explanation = explain_adversarial(model, result, "gradient")
+    explanation = explain(model, result.adversarial, "gradient", targets=result.predictions)  # [Stock2018, fig. 5]
     assert torch.equal(explanation.targets, result.predictions)
     assert explanation.relevance.shape == x.shape
 
@@ -146,7 +147,7 @@ def stars(shapes_split):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize("name", ["shapes-resnet", "shapes-resnet-faint"])
 def test_adversarial_criticism_uncovers_the_planted_colour(name: str, demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
-    """Paper 000, section 3.4 mirrored: prototypes (the stars still right after M steps)
+    """[Stock2018, §3.4] mirrored: prototypes (the stars still right after M steps)
     over-, criticisms (the first to flip) under-represent magenta, 51 % of the stars.
     Over training seeds 0-2 (docs/seeds.md): shapes-resnet's prototypes are 95-100 %
     magenta and its criticisms 10-42 %; shapes-resnet-faint's criticisms 5-30 %, but its

@@ -1,8 +1,8 @@
-"""Sufficient input subsets of the demo models (paper 004's overinterpretation test).
+"""Sufficient input subsets of the demo models ([Carter2021]'s overinterpretation test).
 
 Measured on the first 48 test images of the biased split (threshold 0.9, 5 % kept, 2 % of
 the pixels removed per step), over training seeds 0-2 (``docs/seeds.md``): the fair model
-overinterprets as paper 004 reports of CIFAR-10 models: with 95 % of each image masked
+overinterprets as [Carter2021] reports of CIFAR-10 models: with 95 % of each image masked
 (grey) by backward selection, its median probability for the true class stays 0.58-0.72 (a
 random 5 %: 0.04-0.05) and 40-42 % of the images stay at 0.9 or more; its median
 sufficient subset is 16-24 % of the image. The biased models read the planted backgrounds'
@@ -73,7 +73,7 @@ def test_the_fair_model_is_confident_with_95_percent_masked(demo_model, first_te
 
 
 def test_the_fair_models_subsets_of_squares_lie_on_the_grass(demo_model, shapes_split, record_property) -> None:  # noqa: ANN001
-    """The README's overinterpretation example (paper 004), 48 test squares on the planted
+    """The README's overinterpretation example [Carter2021], 48 test squares on the planted
     grass: the fair model's sufficient subsets avoid the square (at every seed 0-2 under
     its share of the image, docs/seeds.md): what suffices is scattered background. How
     small they are depends on the training run (median 0.18-1.00 of the image; 0.22-0.52

@@ -13,7 +13,7 @@ Measured on the first 24 test images (2 CPU threads), over training seeds 0-2
   0.32-0.47 vs 0.16-0.26 (0.18-0.29), LIME 0.33-0.39 vs 0.17-0.21 (0.10-0.14), Grad-CAM
   0.79-0.84 vs 0.59-0.66 (0.41-0.58). Gradient and SmoothGrad do not show the shift:
   their mass follows the background texture for any model.
-* Randomised weights (Adebayo et al. 2018): Spearman correlation of the signed gradient
+* Randomised weights [Adebayo2018]: Spearman correlation of the signed gradient
   with the trained model's, mean -0.002-0.005; of |gradient| summed over channels (stage 2)
   0.20-0.25, the image structure every ReLU network's gradient keeps.
 """
@@ -148,7 +148,7 @@ def test_lrp_conservation_on_the_demo_models(name: str, demo_model, fair_images)
 
 
 def test_randomised_weights_change_the_gradient(demo_model, fair_images, record_property) -> None:
-    """Model-parameter randomisation test (Adebayo et al. 2018, section 3.1)."""
+    """Model-parameter randomisation test [Adebayo2018, §3.1]."""
     torch.set_num_threads(2)
     model, spec = demo_model("shapes-resnet-fair")
     images, labels, _ = fair_images

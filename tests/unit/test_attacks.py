@@ -48,7 +48,7 @@ def test_invariants_of_every_attack(name: str, setting: int) -> None:
 
 
 def _reference(model, x, reference, alpha, steps, eps, norm, targeted):  # noqa: ANN001, ANN202
-    """Plain per-image float64 loop of paper 000, equation 2 with stop-at-success."""
+    """Plain per-image float64 loop of [Stock2018, eq. 2] with stop-at-success."""
     out, flips = [], []
     for i in range(x.shape[0]):
         x0, xa, flip = x[i : i + 1], x[i : i + 1].clone(), NEVER

@@ -106,11 +106,18 @@ def test_large_class_in_bounded_memory() -> None:
     assert len(set(protos) | set(crits)) == 10 and sigma > 0
 
 
+def j_b(kernel: np.ndarray, selected: list[int]) -> float:
+    """[Stock2018, eq. 3]: ``J_b(S) = 2/(n|S|) sum_{i in [n], j in S} k_ij - 1/|S|^2 sum_{i, j in S} k_ij``."""
+    s = np.asarray(selected, dtype=np.int64)
+    n = kernel.shape[0]
+    return float(2.0 * kernel[:, s].sum() / (n * s.size) - kernel[np.ix_(s, s)].sum() / s.size**2)
+
+
 def _greedy_prototypes_brute_force(kernel: np.ndarray, m: int) -> tuple[list[int], list[float]]:
     chosen: list[int] = []
     values = []
     for _ in range(m):
-        scores = [(-np.inf if c in chosen else sel.j_b(kernel, [*chosen, c])) for c in range(len(kernel))]
+        scores = [(-np.inf if c in chosen else j_b(kernel, [*chosen, c])) for c in range(len(kernel))]
         chosen.append(int(np.argmax(scores)))
         values.append(max(scores))
     return chosen, values
@@ -119,10 +126,11 @@ def _greedy_prototypes_brute_force(kernel: np.ndarray, m: int) -> tuple[list[int
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_prototypes_equal_brute_force_greedy_j_b(seed: int) -> None:
     kernel = sel.RbfKernel(_embeddings(seed=seed))
-    picked, values = sel.mmd_prototypes(kernel, 8)
+    picked, values, row_sum = sel.mmd_prototypes(kernel, 8)
     expected, expected_values = _greedy_prototypes_brute_force(_dense(kernel), 8)
     assert picked.tolist() == expected
     assert np.allclose(values, expected_values)
+    assert np.allclose(row_sum, _dense(kernel)[expected].sum(0))
 
 
 def _criticisms_brute_force(kernel: np.ndarray, protos: list[int], m: int, lam: float) -> list[int]:
@@ -206,7 +214,7 @@ def test_every_registered_method_returns_valid_items(method: str) -> None:
     indices = [i.index for i in result.prototypes + result.criticisms]
     assert len(indices) == len(set(indices)) and all(0 <= i < 30 for i in indices)
     assert len(result.prototypes) == 2 and len(result.criticisms) == 3
-    assert result.to_dict()["params"]["prototypes"] == 2
+    assert result.params["prototypes"] == 2
 
 
 def test_registry_and_parameter_errors() -> None:
@@ -239,8 +247,7 @@ def test_gallery_png_has_two_rows_of_tiles() -> None:
 def test_gather_inputs_from_a_model(method: str) -> None:
     import torch
 
-    from handlers.criticism.gather import criticise, gather_inputs
-    from tests.unit.adversarial_helpers import images, tiny_cnn
+    from tests.unit.adversarial_helpers import gather_inputs, images, tiny_cnn
 
     model, x = tiny_cnn(), images(10, dtype=torch.float32)
     model = model.float()
@@ -250,5 +257,5 @@ def test_gather_inputs_from_a_model(method: str) -> None:
     assert inputs.n == 10
     if method == "probs":
         assert np.all((inputs.confidence >= 0) & (inputs.confidence <= 1))
-    result = criticise(model, x, 2, method, {"prototypes": 2, "criticisms": 2}, attack_params={"step_size": 0.01})
+    result = select(method, inputs, {"prototypes": 2, "criticisms": 2})
     assert result.method == method

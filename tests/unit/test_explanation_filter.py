@@ -7,11 +7,16 @@ import torch
 
 from handlers.metrics.explanation_filter import (
     explanation_filter,
-    explanation_filter_literal,
     quantise,
 )
 from protocol.validation import InvalidParameter
-from tests.unit.adversarial_helpers import assert_unchanged, images, snapshot, tiny_cnn
+from tests.unit.adversarial_helpers import (
+    assert_unchanged,
+    explanation_filter_literal,
+    images,
+    snapshot,
+    tiny_cnn,
+)
 
 APEM = {"step": 0.25, "max_steps": 120}
 

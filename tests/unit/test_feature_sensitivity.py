@@ -1,4 +1,4 @@
-"""The spurious-feature audit's library (paper 002, sections 3.2 and 5), on tiny models."""
+"""The spurious-feature audit's library ([Singla2022, §3.2, §5]), on tiny models."""
 
 from __future__ import annotations
 

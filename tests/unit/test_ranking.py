@@ -1,4 +1,4 @@
-"""The torch- and scipy-free Spearman correlation against scipy's (thesis 003, section 5.4)."""
+"""The torch- and scipy-free Spearman correlation against scipy's [doValle2019, §5.4]."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_integrated_gradients_equals_captum(method: str) -> None:
 
 
 def test_integrated_gradients_completeness() -> None:
-    """Σ IG = F(x) - F(x') (Sundararajan et al., eq. 3), up to the quadrature error.
+    """Σ IG = F(x) - F(x') [Sundararajan2017, eq. 3], up to the quadrature error.
 
     A random ReLU network has a kinked integrand, so convergence is slow: measured gaps at
     256 nodes are about 2-3% of F(x) - F(x') on these images.
@@ -132,7 +132,7 @@ def test_nam_is_the_normalised_resized_feature_map_of_the_most_important_feature
     result = explain(model, images, "nam", targets=torch.tensor([3, 0]))
     with torch.no_grad():
         activations = model.feature_map(images)
-        importance = activations.mean((2, 3)) * model.head[-1].weight[[3, 0]]  # paper 002, 3.2
+        importance = activations.mean((2, 3)) * model.head[-1].weight[[3, 0]]  # [Singla2022, §3.2]
     assert result.extras["feature"] == importance.argmax(1).tolist()
     for b, k in enumerate(result.extras["feature"]):
         a = activations[b, k]

@@ -9,7 +9,8 @@ from sklearn.metrics import pairwise_distances
 from torch import nn
 
 from handlers.explainers import explain
-from handlers.explainers.lime import Lime, LimeParams, kernel_weights, segment
+from handlers.explainers.lime import Lime, kernel_weights, segment
+from protocol.params.explainers import LimeParams
 from tests.unit.explainers.conftest import make_classifier, make_images
 
 

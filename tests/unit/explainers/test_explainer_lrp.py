@@ -124,7 +124,7 @@ def test_full_conservation_without_biases(architecture: str) -> None:
 
 
 def test_epsilon_one_on_a_linear_model_by_hand() -> None:
-    """One dense layer: R_i = x_i w_i / (z + ε) R with R = z (thesis 003, eq. of 4.2.2)."""
+    """One dense layer: R_i = x_i w_i / (z + ε) R with R = z ([doValle2019, §4.2.2], ε-variant)."""
     torch.set_num_threads(1)
     layer = nn.Linear(3, 2).double()
     x = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)

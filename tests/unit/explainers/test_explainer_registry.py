@@ -15,8 +15,9 @@ from handlers.explainers import (
     create_explainer,
     explain,
     get_explainer,
+    register,
 )
-from handlers.explainers.base import StochasticParams
+from protocol.params.explainers import EXPLAINER_PARAMS, StochasticParams
 from tests.unit.explainers.conftest import (
     NUM_CLASSES,
     assert_unchanged,
@@ -35,6 +36,25 @@ def test_all_methods_of_the_issue_are_registered() -> None:
     for name in METHODS:
         assert issubclass(get_explainer(name), Explainer)
         assert get_explainer(name).name == name
+
+
+def test_every_explainer_takes_the_protocols_parameter_model() -> None:
+    """The torch-free registry the gateway validates with names exactly the served methods."""
+    assert set(EXPLAINER_PARAMS) == set(METHODS)
+    for name in METHODS:
+        assert get_explainer(name).Params is EXPLAINER_PARAMS[name]
+
+
+def test_an_explainer_with_other_parameters_is_refused_at_registration() -> None:
+    class Copy(Explainer):
+        Params = EXPLAINER_PARAMS["lime"]
+
+        def attribute(self, model, images, targets):  # pragma: no cover - never called
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="'unregistered'"):
+        register("unregistered")(Copy)
+    assert "unregistered" not in available_explainers()
 
 
 def test_unknown_method_is_a_key_error_naming_the_alternatives() -> None:
