@@ -1,6 +1,7 @@
 """Explanation methods behind one protocol and a name registry.
 
-Importing this package registers every method::
+Importing this package imports every module in it, which registers every method (a new
+method is one module here, with its parameter model in :mod:`protocol.params.explainers`)::
 
     from handlers.explainers import explain
     result = explain(model, images, "smoothgrad", {"n": 50}, targets=None)
@@ -10,16 +11,6 @@ Each method's parameter model lives torch-free in :mod:`protocol.params.explaine
 Citations such as ``[doValle2019, §4.2.1]`` are keys into ``docs/references.md``.
 """
 
-from handlers.explainers import (  # noqa: F401 - imported to register the methods
-    gradcam,
-    gradient,
-    integrated_gradients,
-    lime,
-    lrp,
-    nam,
-    sis,
-    smoothgrad,
-)
 from handlers.explainers.base import (
     Attribution,
     Explainer,
@@ -33,6 +24,9 @@ from handlers.explainers.base import (
     get_explainer,
     register,
 )
+from protocol.discovery import import_submodules
+
+import_submodules(__name__, __path__)  # each method's module registers it
 
 __all__ = [
     "Attribution",

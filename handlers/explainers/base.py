@@ -185,6 +185,17 @@ class Explainer(ABC):
         they compute.
         """
 
+    @classmethod
+    def pictures(cls, explanation: Explanation, image: Tensor, outputs: set[str]) -> dict[str, bytes]:
+        """The method's own pictures of the first image, beyond its map's heatmap and overlay.
+
+        ``image`` is that image ``(C, H, W)`` in [0, 1]; ``outputs`` the picture names the
+        client asked for (``protocol.contract.ImageOutput``). Returns name -> PNG bytes for
+        the asked ones this method draws (LIME its superpixels, SIS its subset); none by
+        default. A method with pictures of its own overrides this, in its own module.
+        """
+        return {}
+
     def network_for(self, model: nn.Module, images: Tensor) -> nn.Module:
         """What :meth:`attribute` runs: the model's fused copy
         (:class:`~handlers.models.derived.FusedClassifier`: batch norm folded, channels-last;

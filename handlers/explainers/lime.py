@@ -10,10 +10,12 @@ from skimage.segmentation import slic
 from sklearn.linear_model import Lasso, Ridge, lars_path
 from torch import Tensor, nn
 
+from handlers import visualization
 from handlers.deadline import check_time
 from handlers.explainers.base import (
     Attribution,
     Explainer,
+    Explanation,
     InvalidParameter,
     chunks,
     register,
@@ -116,6 +118,15 @@ class Lime(Explainer):
         extras["num_superpixels"] = [len(w) for w in extras["weights"]]
         extras["segments"] = np.stack(extras["segments"])
         return Attribution(relevance, targets, extras)
+
+    @classmethod
+    def pictures(cls, explanation: Explanation, image: Tensor, outputs: set[str]) -> dict[str, bytes]:
+        """The image with attention (its K superpixels shown) and the explanation path
+        (superpixels revealed by weight) [Stock2018, §2, fig. 12]."""
+        segments, weights = explanation.extras["segments"][0], explanation.extras["weights"][0]
+        k = int(explanation.params["num_features"])
+        drawn = {"attention_png": visualization.attention_png, "path_png": visualization.path_png}
+        return {name: draw(image, segments, weights, k) for name, draw in drawn.items() if name in outputs}
 
     def _explain_one(
         self, model: nn.Module, image: Tensor, target: int, segments: np.ndarray

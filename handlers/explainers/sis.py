@@ -20,8 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor, autograd, nn
 
+from handlers import visualization
 from handlers.deadline import check_time
-from handlers.explainers.base import Attribution, Explainer, chunks, register, select_logits
+from handlers.explainers.base import (
+    Attribution,
+    Explainer,
+    Explanation,
+    chunks,
+    register,
+    select_logits,
+)
 from handlers.models.derived import fused_classifier, inference_logits
 from protocol.budget import images_per_pass
 from protocol.params.explainers import SisParams
@@ -89,6 +97,13 @@ class SufficientInputSubset(Explainer):
         relevance = ((rank + 1).to(images.dtype) / (pixels * channels)).view(batch, 1, height, width)
         extras = self._subsets(model, images, targets, fill, order, torch.cat(curves, dim=1))
         return Attribution(relevance.expand(-1, channels, -1, -1).contiguous(), targets, extras)
+
+    @classmethod
+    def pictures(cls, explanation: Explanation, image: Tensor, outputs: set[str]) -> dict[str, bytes]:
+        """The image with only its sufficient subset shown, as ``attention_png``."""
+        if "attention_png" not in outputs:
+            return {}
+        return {"attention_png": visualization.subset_png(image, explanation.extras["sis_mask"][0])}
 
     def _backward_selection(
         self, model: nn.Module, images: Tensor, targets: Tensor, fill: Tensor

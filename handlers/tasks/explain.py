@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from handlers import visualization
-from handlers.explainers import Explanation
+from handlers.explainers import Explanation, get_explainer
 from handlers.tasks.apem import apem_score
 from handlers.tasks.common import (
     check_colormap,
@@ -73,20 +73,10 @@ def map_pictures(outputs: set[str], stage_map: torch.Tensor, image: torch.Tensor
 
 def _pictures(outputs: set[str], found: Explanation, stage_map: torch.Tensor,
               image: torch.Tensor, colormap: str) -> dict[str, str | None]:
-    """The map's pictures, and those of a method's segments (LIME) or subset (SIS)."""
+    """The map's pictures, and those the method draws itself (:meth:`Explainer.pictures`)."""
     pictures = map_pictures(outputs, stage_map, image, colormap)
-    segments = found.extras.get("segments")
-    if segments is not None and outputs & {"attention_png", "path_png"}:
-        weights = found.extras["weights"][0]
-        k = int(found.params.get("num_features", 8))
-        if "attention_png" in outputs:
-            pictures["attention_png"] = png_b64(visualization.attention_png(image, segments[0], weights, k))
-        if "path_png" in outputs:
-            pictures["path_png"] = png_b64(visualization.path_png(image, segments[0], weights, k))
-    subset = found.extras.get("sis_mask")
-    if subset is not None and "attention_png" in outputs:
-        pictures["attention_png"] = png_b64(visualization.subset_png(image, subset[0]))
-    return pictures
+    own = get_explainer(found.method).pictures(found, image, outputs)
+    return {**pictures, **{name: png_b64(data) for name, data in own.items()}}
 
 
 def _extras(found: Explanation) -> dict[str, Any]:

@@ -7,8 +7,9 @@ workers import this package to build requests and validate replies; nothing here
 torch, so importing it costs only pydantic.
 
 Each task is one module here declaring its request and result models and registering them
-(:mod:`protocol.contract.registry`); :data:`TaskRequest` is built from that registry, so
-it holds every task imported below. What the tasks share is in :mod:`protocol.contract.parts`.
+(:mod:`protocol.contract.registry`); every module of this package is imported, and
+:data:`TaskRequest` is built from that registry, so it holds every task module there is.
+The names below are re-exported for the callers' convenience. What the tasks share is in :mod:`protocol.contract.parts`.
 
 Images travel either as base64 of canonical RGB PNG bytes inside the JSON, or as
 :class:`RawImage` references to decoded RGB8 pixels that follow the JSON in one binary
@@ -47,6 +48,9 @@ from protocol.contract.predict import PredictRequest, PredictResult
 from protocol.contract.registry import TASKS, TaskContract, register_task, task_union
 from protocol.contract.robustness import RobustnessRequest, RobustnessResult
 from protocol.contract.sufficient_subsets import SufficientSubsetsRequest, SufficientSubsetsResult
+from protocol.discovery import import_submodules
+
+import_submodules(__name__, __path__)  # registers a task module that is not re-exported above
 
 TaskRequest = task_union()
 """Any registered task's request, discriminated on ``task`` (validate with a ``TypeAdapter``)."""
