@@ -1,4 +1,4 @@
-"""``apem``: the APEM score (thesis 003, chapter 3) of one image's explanation or given map."""
+"""``apem``: the APEM score [doValle2019, ch. 3] of one image's explanation or given map."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ from protocol.contract.parts import ApemScore, EncodedArray, ImageData, StampedR
 from protocol.contract.registry import register_task
 
 
-class ApemRequest(Strict):
-    task: Literal["apem"] = "apem"
+class MapRequest(Strict):
+    """One image and the map to score: an explainer's (``method`` and its ``params``) or a
+    given [0, 1] ``relevance``, for ``target`` (default: the predicted class), with APEM's
+    parameters. What the ``apem`` and ``filter`` tasks both take."""
+
+    task: str
     image: ImageData
     method: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     relevance: EncodedArray | None = None
     target: int | None = None
     apem_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ApemRequest(MapRequest):
+    task: Literal["apem"] = "apem"
 
 
 class ApemResult(StampedResult, ApemScore):

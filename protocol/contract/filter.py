@@ -1,4 +1,4 @@
-"""``filter``: the Explanation Filter (thesis 003, Algorithm 2) of one image's map."""
+"""``filter``: the Explanation Filter [doValle2019, Alg. 2] of one image's map."""
 
 from __future__ import annotations
 
@@ -6,22 +6,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from protocol.contract.parts import EncodedArray, ImageData, StampedResult, Strict
+from protocol.contract.apem import MapRequest
+from protocol.contract.parts import EncodedArray, StampedResult
 from protocol.contract.registry import register_task
 
 
-class FilterRequest(Strict):
-    """Explanation Filter (thesis 003, Algorithm 2) on one image's explanation, or on a given
+class FilterRequest(MapRequest):
+    """Explanation Filter [doValle2019, Alg. 2] on one image's explanation, or on a given
     [0, 1] map: the filter job resumes a filter that ran out of time with the map it reached
     (``stop="time_limit"``) and the same ``target``."""
 
     task: Literal["filter"] = "filter"
-    image: ImageData
-    method: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    relevance: EncodedArray | None = None
-    target: int | None = None
-    apem_params: dict[str, Any] = Field(default_factory=dict)
     filter_params: dict[str, Any] = Field(
         default_factory=dict,
         description="FilterParams; `levels` defaults to 256 (the map as an 8-bit heatmap)",
