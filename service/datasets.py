@@ -3,10 +3,10 @@
 An archive (zip, tar or tar.gz, recognised by signature) holds ``class_name/image`` files
 and optionally a root ``metadata.json`` or ``metadata.csv``, and soft region masks
 (``_masks/<kind>/<the image's path>``, kind ``core`` or ``spurious``, an image of the same size
-whose grey level is the mask; paper 002's annotations). Nothing is ever extracted with
-``extractall``: each member is checked (no absolute paths, no ``..``, no links or devices),
-counted against the file-count and total-unpacked-size limits, read with a cap, validated
-by :func:`service.imaging.decode_image` and stored as canonical PNG under
+whose grey level is the mask; Singla & Feizi's annotations [Singla2022]). Nothing is ever
+extracted with ``extractall``: each member is checked (no absolute paths, no ``..``, no
+links or devices), counted against the file-count and total-unpacked-size limits, read with
+a cap, validated by :func:`service.imaging.decode_image` and stored as canonical PNG under
 ``<data>/blobs/<sha[:2]>/<sha>.png``. The manifest ``<data>/datasets/<id>.json`` lists
 class, original file name and hash of each image; the id is a hash of that list, so the
 same upload gives the same id. Unreadable images are skipped and reported.

@@ -1,4 +1,4 @@
-"""``apem``: the APEM score (thesis 003, chapter 3) of one image's stage-2 explanation by a
+"""``apem``: the APEM score [doValle2019, ch. 3] of one image's stage-2 explanation by a
 method, or of a [0, 1] map the request brings."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(served: ServedModel, request: contract.ApemRequest) -> contract.ApemResu
 
 def apem_score(served: ServedModel, x: torch.Tensor, stage_map: torch.Tensor, target: int,
                apem_params: ApemParams) -> contract.ApemScore:
-    """APEM of a [0, 1] map (thesis 003, chapter 3) for one image."""
+    """APEM of a [0, 1] map [doValle2019, ch. 3] for one image."""
     with refusals():
         outcome = apem(served.model, x, stage_map, targets=torch.tensor([target]), params=apem_params)
     return contract.ApemScore(**outcome.score(0))

@@ -1,5 +1,5 @@
 """``apem_set``: APEM of many images' stage-2 explanations of their predictions, with their
-losses (thesis 003, chapter 3 and section 5.4); the caller correlates them over its set."""
+losses [doValle2019, ch. 3, §5.4]; the caller correlates them over its set."""
 
 from __future__ import annotations
 

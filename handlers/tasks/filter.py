@@ -1,4 +1,4 @@
-"""``filter``: the Explanation Filter (thesis 003, Algorithm 2) of one image's stage-2 map,
+"""``filter``: the Explanation Filter [doValle2019, Alg. 2] of one image's stage-2 map,
 or of a [0, 1] map the request brings (a filter job resuming where a call ran out of time)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``mask_sensitivity``: predictions with annotated regions (one soft mask per image)
-corrupted by Gaussian noise (paper 002, section 5, definition 2)."""
+corrupted by Gaussian noise [Singla2022, §5, def. 2]."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``noise_sensitivity``: predictions with neural features' regions corrupted by Gaussian
-noise (paper 002, section 5, equations 1 and 2): each feature alone, each group's union."""
+noise [Singla2022, §5, eqs. 1-2]: each feature alone, each group's union."""
 
 from __future__ import annotations
 

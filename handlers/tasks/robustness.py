@@ -1,5 +1,5 @@
 """``robustness``: steps to flip each image under an iterative attack (adversarial model
-criticism, paper 000, section 3.3)."""
+criticism, [Stock2018, §3.3])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``sufficient_subsets``: each image's sufficient input subset for its label (paper 004, the
+"""``sufficient_subsets``: each image's sufficient input subset for its label ([Carter2021], the
 ``sis`` explainer) and, given region masks, the subsets' share on those regions."""
 
 from __future__ import annotations

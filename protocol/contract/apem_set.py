@@ -1,4 +1,4 @@
-"""``apem_set``: APEM of many images' explanations, with their losses (thesis 003, 5.4)."""
+"""``apem_set``: APEM of many images' explanations, with their losses [doValle2019, §5.4]."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from protocol.contract.registry import register_task
 
 
 class ApemSetRequest(Strict):
-    """APEM of each image's explanation of its predicted class (thesis 003, chapter 3),
-    with each image's loss for the rank correlation over a set (section 5.4)."""
+    """APEM of each image's explanation of its predicted class [doValle2019, ch. 3],
+    with each image's loss for the rank correlation over a set [doValle2019, §5.4]."""
 
     task: Literal["apem_set"] = "apem_set"
     images: list[ImageData] = Field(min_length=1)

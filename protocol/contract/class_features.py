@@ -1,4 +1,4 @@
-"""``class_features``: neural features' importance for each image's label (paper 002, 3.2)."""
+"""``class_features``: neural features' importance for each image's label [Singla2022, §3.2]."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from protocol.contract.registry import register_task
 
 class ClassFeaturesRequest(Strict):
     """Each image's penultimate-layer features and their importance for its label
-    (paper 002, section 3.2); a caller averages them over a class to rank its features."""
+    [Singla2022, §3.2]; a caller averages them over a class to rank its features."""
 
     task: Literal["class_features"] = "class_features"
     images: list[ImageData] = Field(min_length=1)

@@ -1,4 +1,4 @@
-"""``mask_sensitivity``: predictions with annotated regions corrupted (paper 002, section 5)."""
+"""``mask_sensitivity``: predictions with annotated regions corrupted [Singla2022, §5]."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from protocol.contract.registry import register_task
 
 class MaskSensitivityRequest(Strict):
     """Predictions with annotated regions (one soft mask image per image, its grey level
-    the mask) corrupted by Gaussian noise (paper 002, section 5, definition 2)."""
+    the mask) corrupted by Gaussian noise [Singla2022, §5, def. 2]."""
 
     task: Literal["mask_sensitivity"] = "mask_sensitivity"
     images: list[ImageData] = Field(min_length=1)

@@ -1,4 +1,4 @@
-"""``noise_sensitivity``: predictions with neural features' regions corrupted (paper 002, 5)."""
+"""``noise_sensitivity``: predictions with neural features' regions corrupted [Singla2022, §5]."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from protocol.contract.registry import register_task
 
 class NoiseSensitivityRequest(Strict):
     """Predictions with the regions of neural features corrupted by Gaussian noise
-    (paper 002, section 5, equations 1 and 2): each feature alone, each group's union."""
+    [Singla2022, §5, eqs. 1-2]: each feature alone, each group's union."""
 
     task: Literal["noise_sensitivity"] = "noise_sensitivity"
     images: list[ImageData] = Field(min_length=1)

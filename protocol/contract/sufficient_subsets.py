@@ -1,4 +1,4 @@
-"""``sufficient_subsets``: each image's sufficient input subset for its label (paper 004)."""
+"""``sufficient_subsets``: each image's sufficient input subset for its label [Carter2021]."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from protocol.contract.registry import register_task
 
 
 class SufficientSubsetsRequest(Strict):
-    """Each image's sufficient input subset for its label (paper 004, the ``sis``
+    """Each image's sufficient input subset for its label ([Carter2021], the ``sis``
     explainer) and, where region masks come with the images, the subsets' share on them."""
 
     task: Literal["sufficient_subsets"] = "sufficient_subsets"

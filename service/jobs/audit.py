@@ -1,5 +1,5 @@
 """The ``audit`` job: which neural features a class rests on, and what its accuracy keeps
-when their regions are corrupted (paper 002, "Salient ImageNet", sections 3.2 and 5).
+when their regions are corrupted ([Singla2022, §3.2, §5], "Salient ImageNet").
 
 Per class (one, or every class of the dataset; a seeded sample of ``max_images`` each):
 

@@ -1,7 +1,7 @@
 """The ``evaluate`` job: top-1 and top-k error over a dataset, and the errors rectified by
-human votes (paper 000, section 3.1 and table 1).
+human votes [Stock2018, §3.1, Tab. 1].
 
-Paper 000 showed each image a model misclassified to five raters with the predicted class
+Stock & Cisse showed each image a model misclassified to five raters with the predicted class
 and asked whether that class is relevant for the image; a prediction at least four of five
 raters agree with counts as correct in the *rectified* error (``agreement`` 0.8 of the raters). Votes live in the dataset's
 ``metadata.csv`` (or ``metadata.json``, ``{"votes": [...]}`` with the same fields): one row

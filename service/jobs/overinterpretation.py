@@ -1,12 +1,12 @@
 """The ``overinterpretation`` job: how few of its pixels a model needs to stay confident
-(paper 004, "Overinterpretation reveals image classification model pathologies").
+([Carter2021], "Overinterpretation reveals image classification model pathologies").
 
 Every image (of one class, or all; a seeded sample of at most ``max_images``) goes to
 TorchServe's ``sufficient_subsets`` task, ``IMAGES_PER_CALL`` per call, with its region
 masks when the upload had them (``_masks/core/...``, ``_masks/spurious/...``): the ``sis``
 explainer's subset for the image's label, the label's probability with only
-``keep_fraction`` of the pixels shown (paper 004: 95 % masked), and the subset's share on
-each region. The worker summarises per class and overall, and shows the
+``keep_fraction`` of the pixels shown ([Carter2021, abstract]: 95 % masked), and the
+subset's share on each region. The worker summarises per class and overall, and shows the
 ``gallery_images`` images with the smallest subsets, each subset alone on black.
 """
 

@@ -1,10 +1,10 @@
 """The ``apem`` job: how reliable one explanation method is over a dataset.
 
 Every image (of one class, or of all; a seeded sample of at most ``max_images``) is
-explained for its predicted class and scored by APEM (thesis 003, chapter 3; APEM_norm,
-section 5.2, when ``apem_params.normalise``) in TorchServe, ``IMAGES_PER_CALL`` images per
+explained for its predicted class and scored by APEM ([doValle2019, ch. 3]; APEM_norm,
+[doValle2019, §5.2], when ``apem_params.normalise``) in TorchServe, ``IMAGES_PER_CALL`` images per
 ``apem_set`` call; the worker averages and correlates APEM with each image's loss against
-its dataset label (Spearman, section 5.4, table 5.3). A call that runs out of the model
+its dataset label (Spearman, [doValle2019, §5.4, Tab. 5.3]). A call that runs out of the model
 server's time (a fine grid on a large model) is split by :func:`~service.jobs.calls.in_batches`.
 """
 

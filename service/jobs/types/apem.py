@@ -1,5 +1,5 @@
-"""The ``apem`` job: APEM of one explanation method over a dataset (thesis 003, chapter 3)
-and its Spearman correlation with the loss (section 5.4).
+"""The ``apem`` job: APEM of one explanation method over a dataset [doValle2019, ch. 3]
+and its Spearman correlation with the loss [doValle2019, §5.4].
 
 Each chunk's images are scored in TorchServe (``apem_set``); the means and the correlation
 are over every image, in the reduce. The library: :mod:`service.jobs.reliability`.
@@ -34,8 +34,8 @@ from service.settings import Settings
 
 
 class ApemJobRequest(RequestModel):
-    """APEM of one explanation method over a dataset (thesis 003, chapter 3) and its
-    Spearman correlation with the loss (section 5.4)."""
+    """APEM of one explanation method over a dataset [doValle2019, ch. 3] and its
+    Spearman correlation with the loss [doValle2019, §5.4]."""
 
     type: Literal["apem"]
     model: str

@@ -1,6 +1,6 @@
-"""The ``audit`` job: spurious-feature audit of a dataset's classes (paper 002, sections 3.2
-and 5), each class's most important penultimate-layer features, their activation maps, and
-the accuracy left when their regions are corrupted by Gaussian noise.
+"""The ``audit`` job: spurious-feature audit of a dataset's classes
+([Singla2022, §3.2, §5]), each class's most important penultimate-layer features, their
+activation maps, and the accuracy left when their regions are corrupted by Gaussian noise.
 
 A class's feature ranking decides which features its noise calls corrupt, so a class stays
 in one chunk and chunks hold whole classes; the reduce lists them. The library:
@@ -38,7 +38,7 @@ from service.settings import Settings
 
 
 class AuditJobRequest(RequestModel):
-    """Spurious-feature audit (paper 002, sections 3.2 and 5): each class's most important
+    """Spurious-feature audit ([Singla2022, §3.2, §5]): each class's most important
     penultimate-layer features, their activation maps, and the accuracy left when their
     regions are corrupted by Gaussian noise."""
 
@@ -82,7 +82,7 @@ class ActivatingImage(ResponseModel):
 
 class AuditedFeature(ResponseModel):
     feature: int = Field(description="channel of the last convolutional feature map")
-    rank: int = Field(description="rank by mean importance for the class (paper 002, section 3.2)")
+    rank: int = Field(description="rank by mean importance for the class [Singla2022, §3.2]")
     importance: float = Field(description="mean of value x d logit / d value over the class")
     value: float
     coverage: float = Field(description="mean of its activation map: the share of the image corrupted")

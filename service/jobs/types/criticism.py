@@ -1,5 +1,5 @@
-"""The ``criticism`` job: model criticism on one class of a dataset (thesis 003), the ``m``
-least typical images (criticisms) beside the most typical (prototypes).
+"""The ``criticism`` job: model criticism on one class of a dataset [Stock2018, §3.3], the
+``m`` least typical images (criticisms) beside the most typical (prototypes).
 
 Each chunk gathers its images' inputs from TorchServe (steps to flip, embeddings or
 probabilities); the selection is over all of them (for ``mmd``, MMD-critic's kernel over

@@ -1,5 +1,5 @@
 """The ``evaluate`` job: top-1 and top-k error over a dataset, rectified by the human votes in
-its metadata (paper 000, section 3.1: a prediction 4 of 5 raters find relevant counts as
+its metadata ([Stock2018, §3.1]: a prediction 4 of 5 raters find relevant counts as
 correct).
 
 Each chunk's class probabilities come from TorchServe (``embed``); the errors, confusions
@@ -41,7 +41,7 @@ from service.settings import Settings
 
 class EvaluateJobRequest(RequestModel):
     """Top-1 and top-k error over a dataset, rectified by the human votes in its metadata
-    (paper 000, section 3.1: a prediction 4 of 5 raters find relevant counts as correct)."""
+    ([Stock2018, §3.1]: a prediction 4 of 5 raters find relevant counts as correct)."""
 
     type: Literal["evaluate"]
     model: str

@@ -1,4 +1,4 @@
-"""The ``filter`` job: the Explanation Filter on one image (thesis 003, Algorithm 2),
+"""The ``filter`` job: the Explanation Filter on one image [doValle2019, Alg. 2],
 computed by TorchServe's ``filter`` task; its result is that task's :class:`FilterResult`.
 
 A filter that outlasts one model-server call goes on in the next: a call that runs out of
@@ -45,7 +45,7 @@ class FilterJobRequest(RequestModel):
 
 
 class FilterJobResult(FilterResult):
-    """The filter job's result: TorchServe's ``FilterResult`` (thesis 003, Algorithm 2). A
+    """The filter job's result: TorchServe's ``FilterResult`` [doValle2019, Alg. 2]. A
     filter that outlasts one model-server call goes on in the next from the map it reached;
     the counts and ``fraction_kept`` cover all ``calls``, ``apem_before`` is the input map's."""
 

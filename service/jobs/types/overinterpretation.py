@@ -1,4 +1,4 @@
-"""The ``overinterpretation`` job (paper 004): each image's sufficient input subset for its
+"""The ``overinterpretation`` job [Carter2021]: each image's sufficient input subset for its
 label (the ``sis`` explainer), the label's probability with 95 % of the image masked, and
 where the subsets lie on the regions uploaded with the images.
 
@@ -47,7 +47,7 @@ from service.settings import Settings
 
 
 class OverinterpretationJobRequest(RequestModel):
-    """Overinterpretation (paper 004): each image's sufficient input subset for its label
+    """Overinterpretation [Carter2021]: each image's sufficient input subset for its label
     (the ``sis`` explainer), the label's probability with 95 % of the image masked, and
     where the subsets lie on the regions uploaded with the images."""
 
