@@ -80,8 +80,8 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> t
 def bench_attacks(model: PixelClassifier, x: torch.Tensor, y: torch.Tensor, device: torch.device, rounds: int) -> None:
     import torchattacks
 
-    ours = get_attack("ifgsm", {"eps": 0.01})  # step 0.001, M = 10
-    ours_full = get_attack("ifgsm", {"eps": 0.01, "stop_at_flip": False})
+    ours = get_attack("ifgsm", {"epsilon": 0.01})  # step 0.001, M = 10
+    ours_full = get_attack("ifgsm", {"epsilon": 0.01, "stop_at_flip": False})
     theirs = torchattacks.BIM(model, eps=0.01, alpha=0.001, steps=10)
 
     def theirs_with_predictions(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:

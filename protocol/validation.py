@@ -4,11 +4,14 @@ Every method takes its parameters as a pydantic model. A request's ``params`` di
 parsed with :func:`parse_params`; any bad value becomes one :class:`InvalidParameter`
 naming the parameter and the reason, which the TorchServe handler maps to HTTP 422.
 An unknown method name becomes :class:`UnknownMethod` (also a 422, or 404 if preferred).
+A class index outside the model's classes (an explanation's ``target``, an attack's
+``target_class``, a label) is checked by :func:`check_class_index` alone, in the gateway and
+in the handler alike, and becomes :class:`ClassOutOfRange`: 422 ``invalid_target``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,7 +23,7 @@ class InvalidParameter(ValueError):
     """A parameter value that a method cannot accept.
 
     Attributes:
-        param: dotted name of the offending parameter (``"eps"``, ``"grid.step"``).
+        param: dotted name of the offending parameter (``"epsilon"``, ``"grid.step"``).
         reason: human-readable reason, suitable for an API error message.
     """
 
@@ -28,6 +31,27 @@ class InvalidParameter(ValueError):
         super().__init__(f"{param}: {reason}")
         self.param = param
         self.reason = reason
+
+
+class ClassOutOfRange(InvalidParameter):
+    """A class index outside ``[0, num_classes)``; every layer answers it with :data:`code`."""
+
+    code = "invalid_target"
+
+
+def check_class_index(param: str, values: int | Iterable[int], num_classes: int) -> None:
+    """Raise :class:`ClassOutOfRange` unless every class index of ``values`` lies in
+    ``[0, num_classes)``: the one check of a target class, wherever the class count is known
+    (the handler: its model; the gateway: the model's ``describe``).
+
+    ``values`` is one index or several (plain integers: a tensor's ``tolist()``, checked on
+    the host rather than with comparison kernels and a reduction).
+    """
+    for value in (values,) if isinstance(values, int) else values:
+        if not 0 <= value < num_classes:
+            raise ClassOutOfRange(
+                param, f"class {value} is out of range for a model with {num_classes} classes"
+            )
 
 
 class UnknownMethod(KeyError):

@@ -27,7 +27,7 @@ from handlers.deadline import check_time
 from handlers.models.derived import fused_classifier, inference_logits
 from handlers.models.modes import evaluation_mode
 from protocol.params.attacks import AttackParams, CoreSettings
-from protocol.validation import InvalidParameter, UnknownMethod
+from protocol.validation import InvalidParameter, UnknownMethod, check_class_index
 
 NEVER = -1
 """``steps_to_flip`` value of an image on which the attack never succeeded."""
@@ -55,7 +55,7 @@ class AttackBatchResult:
             ``0`` means the starting point was already adversarial (e.g. misclassified).
         linf: ``(B,)`` L-inf norm of ``adversarial - clean``.
         l2: ``(B,)`` L2 norm of ``adversarial - clean``.
-        iterations: ``M``, the number of steps the attack was allowed.
+        steps: ``M``, the number of steps the attack was allowed.
     """
 
     adversarial: torch.Tensor
@@ -70,7 +70,7 @@ class AttackBatchResult:
     steps_to_flip: torch.Tensor
     linf: torch.Tensor
     l2: torch.Tensor
-    iterations: int
+    steps: int
 
     def steps_to_flip_list(self) -> list[int | None]:
         """``steps_to_flip`` with ``None`` for never (the contract's RobustnessResult form)."""
@@ -98,7 +98,7 @@ def concatenate(results: list[AttackBatchResult]) -> AttackBatchResult:
         for name, value in vars(first).items()
         if isinstance(value, torch.Tensor)
     }
-    return AttackBatchResult(**tensors, targeted=first.targeted, iterations=first.iterations)
+    return AttackBatchResult(**tensors, targeted=first.targeted, steps=first.steps)
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,7 @@ class Attack(ABC):
             images: ``(B, 3, H, W)`` in [0, 1].
             labels: untargeted: the classes to move away from (default: the clean
                 predictions, so success means "the prediction changed").
-            targets: targeted attack towards these classes (overrides ``params.target``).
+            targets: targeted attack towards these classes (overrides ``params.target_class``).
 
         Returns:
             The :class:`AttackBatchResult` of the whole batch.
@@ -174,7 +174,7 @@ class Attack(ABC):
             x0 = check_images(images).to(device_of(model))
             scorer = _Scorer(model, fused_classifier(model, x0))
             start = self._start(x0)
-            logits, leaf = scorer(start, need_grad=self.settings.iterations > 0)
+            logits, leaf = scorer(start, need_grad=self.settings.steps > 0)
             clean_logits = logits.detach() if start is x0 else scorer(x0, False)[0]
             goal = self._goal(clean_logits, labels, targets)
             adversarial, final_logits, steps = self._iterate(scorer, x0, leaf, logits, goal)
@@ -218,17 +218,16 @@ class Attack(ABC):
         self, clean_logits: torch.Tensor, labels: torch.Tensor | None, targets: torch.Tensor | None
     ) -> _Goal:
         batch, classes = clean_logits.shape
-        if targets is None and self.settings.target is not None:
-            targets = torch.full((batch,), self.settings.target, dtype=torch.long)
-        chosen, name = (targets, "target") if targets is not None else (labels, "labels")
+        if targets is None and self.settings.target_class is not None:
+            targets = torch.full((batch,), self.settings.target_class, dtype=torch.long)
+        chosen, name = (targets, "target_class") if targets is not None else (labels, "labels")
         if chosen is None:
             return _Goal(clean_logits.argmax(dim=1), targeted=False)
-        chosen = torch.as_tensor(chosen, dtype=torch.long).to(clean_logits.device).reshape(-1)
+        chosen = torch.as_tensor(chosen, dtype=torch.long).reshape(-1)  # checked where it is
         if chosen.numel() != batch:
             raise InvalidParameter(name, f"expected {batch} class indices, got {chosen.numel()}")
-        if chosen.numel() and (chosen.min() < 0 or chosen.max() >= classes):
-            raise InvalidParameter(name, f"class indices must lie in [0, {classes - 1}]")
-        return _Goal(chosen, targeted=targets is not None)
+        check_class_index(name, chosen.tolist(), classes)
+        return _Goal(chosen.to(clean_logits.device), targeted=targets is not None)
 
     def _iterate(
         self,
@@ -253,7 +252,7 @@ class Attack(ABC):
         steps = torch.full((x0.shape[0],), NEVER, dtype=torch.long, device=x0.device)
         rows = torch.arange(x0.shape[0], device=x0.device)
         reference, origin = goal.reference, x0  # those of the rows in the batch
-        for t in range(settings.iterations + 1):
+        for t in range(settings.steps + 1):
             check_time("the attack")
             final_logits[rows] = logits.detach()
             hit = goal.reached(logits.detach(), reference)
@@ -263,7 +262,7 @@ class Attack(ABC):
             else:  # the batch is the whole set
                 steps = torch.where(hit & (steps == NEVER), t, steps)
                 moving = steps == NEVER if settings.stop_at_flip else None
-            done = t == settings.iterations or (moving is not None and not moving.any())
+            done = t == settings.steps or (moving is not None and not moving.any())
             if done:
                 break
             leaving = compact and not bool(moving.all())
@@ -277,7 +276,7 @@ class Attack(ABC):
             if moving is not None and not compact:
                 stepped = torch.where(moving.view(-1, *([1] * (x0.dim() - 1))), stepped, x_now)
             adversarial[rows] = stepped
-            logits, x = scorer(stepped, need_grad=t + 1 < settings.iterations)
+            logits, x = scorer(stepped, need_grad=t + 1 < settings.steps)
         return adversarial, final_logits, steps
 
 
@@ -341,7 +340,7 @@ def _summarise(
         steps_to_flip=steps.cpu(),
         linf=delta.abs().amax(dim=1).cpu(),
         l2=delta.norm(dim=1).cpu(),
-        iterations=settings.iterations,
+        steps=settings.steps,
     )
 
 

@@ -3,7 +3,7 @@
 [Stock2018, §2, eq. 2]: for ``p = inf`` the step is ``alpha * sign(grad)``,
 for ``p = 2`` it is ``alpha * grad / ||grad||_2``. :class:`IterativeFGSM` takes ``M`` such
 steps, each followed by the projection onto the budget ball and the [0, 1] box;
-:class:`FGSM` is one step of size ``eps``; :class:`PGD` adds a random start.
+:class:`FGSM` is one step of size ``epsilon``; :class:`PGD` adds a random start.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ GEOMETRIES: dict[Norm, type[LinfGeometry] | type[L2Geometry]] = {
 class IterativeFGSM(Attack):
     """Iterative fast gradient (sign) method ([Stock2018, §2]; the BIM of [Kurakin2017]).
 
-    ``x_{t+1} = clip_[0,1](x + P_eps(x_t + alpha * d(grad) - x))`` with ``d`` the sign
-    (L-inf) or the normalised gradient (L2) and ``P_eps`` the projection onto the budget
-    ball (skipped when ``eps`` is None). [Stock2018, §3.2]: ``alpha = 0.001``,
+    ``x_{t+1} = clip_[0,1](x + P_epsilon(x_t + step_size * d(grad) - x))`` with ``d`` the
+    sign (L-inf) or the normalised gradient (L2) and ``P_epsilon`` the projection onto the
+    ``epsilon`` ball (skipped when ``epsilon`` is None). [Stock2018, §3.2]: ``alpha = 0.001``,
     ``M = 10``.
     """
 
@@ -84,16 +84,16 @@ class IterativeFGSM(Attack):
 
     def _step(self, x_adv: torch.Tensor, grad: torch.Tensor, x_clean: torch.Tensor) -> torch.Tensor:
         """One step of [Stock2018, eq. 2], then the projections."""
-        moved = x_adv + self.settings.alpha * self.geometry.direction(grad)
-        if self.settings.budget is None:
+        moved = x_adv + self.settings.step_size * self.geometry.direction(grad)
+        if self.settings.epsilon is None:
             return moved.clamp(0.0, 1.0)
-        delta = self.geometry.project(moved - x_clean, self.settings.budget)
+        delta = self.geometry.project(moved - x_clean, self.settings.epsilon)
         return (x_clean + delta).clamp(0.0, 1.0)
 
 
 @register_attack("fgsm", "fgm")
 class FGSM(IterativeFGSM):
-    """Fast gradient sign method ([Stock2018, §2]; [Goodfellow2015]): IFGSM with one step of size ``eps``."""
+    """Fast gradient sign method ([Stock2018, §2]; [Goodfellow2015]): IFGSM with one step of size ``epsilon``."""
 
     params_model: ClassVar[type[AttackParams]] = FGSMParams
 
@@ -109,13 +109,13 @@ class PGD(IterativeFGSM):
     params_model: ClassVar[type[AttackParams]] = PGDParams
 
     def _start(self, images: torch.Tensor) -> torch.Tensor:
-        """Uniform point of the ``eps`` box (L-inf) or ball (L2), clipped to [0, 1]."""
-        if not self.settings.random_start or self.settings.budget is None:
+        """Uniform point of the ``epsilon`` box (L-inf) or ball (L2), clipped to [0, 1]."""
+        if not self.settings.random_start or self.settings.epsilon is None:
             return images
         generator = torch.Generator()
         if self.settings.seed is None:
             generator.seed()
         else:
             generator.manual_seed(self.settings.seed)
-        delta = self.geometry.random_delta(images, self.settings.budget, generator)
+        delta = self.geometry.random_delta(images, self.settings.epsilon, generator)
         return (images + delta).clamp(0.0, 1.0)

@@ -1,5 +1,5 @@
-"""``attack``: one image's adversarial example (paper 000), its pictures, and optionally the
-explanation of the adversarial image (figure 5)."""
+"""``attack``: one image's adversarial example [Stock2018], its pictures, and optionally the
+explanation of the adversarial image [Stock2018, fig. 5]."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from handlers.tasks.registry import runs
 from handlers.tasks.served import ServedModel
 from protocol import contract
 from protocol.arrays import encode_array
-from protocol.params.attacks import library_names
 
 
 @runs(contract.AttackRequest)
@@ -39,7 +38,7 @@ def run(served: ServedModel, request: contract.AttackRequest) -> contract.Attack
     explanation = None
     if request.explanation is not None:
         options = request.explanation
-        if options.target is None:  # paper 000, figure 5: the adversarial image for its new class
+        if options.target is None:  # [Stock2018, fig. 5]: the adversarial image for its new class
             options = options.model_copy(update={"target": record["prediction"]})
         explanation = explain_pixels(served, adversarial, options, time.perf_counter())
     return contract.AttackResult(
@@ -58,11 +57,10 @@ def run(served: ServedModel, request: contract.AttackRequest) -> contract.Attack
 
 def attacked(served: ServedModel, method: str, params: dict[str, Any],
              x: torch.Tensor) -> tuple[AttackBatchResult, dict[str, Any]]:
-    """Attack ``method`` with ``params`` run on the batch ``x``, and its parameters with
-    defaults filled in (422 for an unknown method, bad parameters or target)."""
+    """Attack ``method`` with ``params`` (the API's names, as sent) run on the batch ``x``,
+    and its parameters with defaults filled in, under the same names: what the reply echoes
+    (422 for an unknown method, bad parameters or target class)."""
     with refusals():
-        attack = get_attack(method, library_names(params))
-        target = attack.params.target
-        if target is not None:
-            checked_target(served, target)
+        attack = get_attack(method, params)
+        checked_target(served, attack.params.target_class, "target_class")
         return attack(served.model, x), attack.params.model_dump(mode="json")

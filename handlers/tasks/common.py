@@ -24,7 +24,14 @@ from handlers.models.derived import inference_logits
 from handlers.tasks.served import ServedModel
 from protocol import contract
 from protocol.arrays import InvalidArray
-from protocol.validation import InvalidParameter, StrictParams, UnknownMethod, parse_params
+from protocol.validation import (
+    ClassOutOfRange,
+    InvalidParameter,
+    StrictParams,
+    UnknownMethod,
+    check_class_index,
+    parse_params,
+)
 
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_BATCH_IMAGES = 256
@@ -52,6 +59,8 @@ def refusals() -> Iterator[None]:
         raise TaskError(422, "unknown_method", str(error)) from None
     except InvalidArray as error:
         raise TaskError(422, "invalid_relevance", str(error)) from None
+    except ClassOutOfRange as error:
+        raise TaskError(422, error.code, str(error)) from None
     except InvalidParameter as error:
         raise TaskError(422, "bad_parameter", str(error)) from None
 
@@ -137,13 +146,14 @@ def region_masks(served: ServedModel, name: str, masks: Sequence[contract.ImageD
 
 
 # --------------------------------------------------------------------------- model answers
-def checked_target(served: ServedModel, target: int | None) -> torch.Tensor | None:
-    """``target`` as a one-element class tensor (``None`` stays ``None``); 422 if out of range."""
+def checked_target(served: ServedModel, target: int | None, name: str = "target") -> torch.Tensor | None:
+    """``target`` as a one-element class tensor (``None`` stays ``None``); 422
+    ``invalid_target`` if out of the model's range (:func:`~protocol.validation.check_class_index`,
+    the check the gateway makes too), before any work is done for the request."""
     if target is None:
         return None
-    if not 0 <= target < served.spec.num_classes:
-        raise TaskError(422, "bad_parameter", f"target: class {target} is out of range for "
-                        f"a model with {served.spec.num_classes} classes")
+    with refusals():
+        check_class_index(name, target, served.spec.num_classes)
     return torch.tensor([target])
 
 

@@ -1,5 +1,5 @@
 """``explain``: one image's explanation as a stage map, its pictures, and optionally its APEM
-score (thesis 003, section 4.2 for the stages, chapter 3 for APEM)."""
+score ([doValle2019, §4.2] for the stages, [doValle2019, ch. 3] for APEM)."""
 
 from __future__ import annotations
 

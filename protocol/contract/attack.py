@@ -18,7 +18,7 @@ class AttackRequest(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     explanation: ExplainOptions | None = Field(
         None,
-        description="also explain the adversarial image (paper 000, figure 5); the default "
+        description="also explain the adversarial image [Stock2018, fig. 5]; the default "
         "target is its adversarial class",
     )
     adversarial_array: bool = Field(

@@ -68,7 +68,7 @@ class ErrorBody(Strict):
 
 
 Stage = Literal[1, 2, 3]
-"""Visualization stage (thesis 003, section 4.2): 1 raw 3-channel relevance, 2 absolute
+"""Visualization stage [doValle2019, §4.2]: 1 raw 3-channel relevance, 2 absolute
 value clamped at the 99th percentile and summed over channels, 3 stage 2 times the image."""
 
 ImageOutput = Literal["relevance", "heatmap_png", "overlay_png", "attention_png", "path_png"]
@@ -82,7 +82,7 @@ class StampedResult(Strict):
     elapsed_ms: float
 
 
-# an APEM score (thesis 003, chapter 3): the apem task's, or an explanation's
+# an APEM score [doValle2019, ch. 3]: the apem task's, or an explanation's
 class ApemScore(Strict):
     eps_minus: float | None
     eps_plus: float | None

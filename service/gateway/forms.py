@@ -5,21 +5,20 @@ from __future__ import annotations
 import base64
 import io
 import json
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import numpy as np
 from fastapi import Request, UploadFile
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from protocol.contract import DescribeResult, EncodedArray, ImageOutput, RawImage
-from protocol.validation import InvalidParameter, StrictParams
+from protocol.params.attacks import PARAMS_BY_ATTACK, AttackParams
+from protocol.validation import ClassOutOfRange, InvalidParameter, StrictParams, check_class_index
 from protocol.validation import parse_params as validate_params
 from service.errors import ApiError
 from service.gateway.deps import ApiKey
-from service.gateway.schemas import AttackParams
 from service.imaging import decode_rgb, header_pixels
 from service.settings import Settings
 
@@ -98,11 +97,15 @@ def parse_params(text: str | None, field: str = "params") -> dict[str, Any]:
     return value
 
 
-def check_library_params(model: type[StrictParams], values: dict[str, Any], field: str) -> None:
-    """422 ``invalid_params`` naming the first bad value of ``values`` for a library's
-    torch-free parameter model (APEM, Explanation Filter), before any work is queued."""
+P = TypeVar("P", bound=StrictParams)
+
+
+def check_library_params(model: type[P], values: dict[str, Any], field: str) -> P:
+    """``values`` validated as a library's torch-free parameter model (attacks, APEM,
+    Explanation Filter), before any work is queued: 422 ``invalid_params`` naming the first
+    bad value. The handler builds the method from the same model and the same values."""
     try:
-        validate_params(model, values)
+        return validate_params(model, values)
     except InvalidParameter as exc:
         raise ApiError(422, "invalid_params", f"{field}.{exc}") from None
 
@@ -125,13 +128,12 @@ def parse_outputs(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def parse_attack_params(text: str | None) -> AttackParams:
-    try:
-        return AttackParams.model_validate(parse_params(text))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "params"
-        raise ApiError(422, "invalid_params", f"params.{where}: {err['msg']}") from None
+def parse_attack_params(text: str | None, method: str) -> tuple[dict[str, Any], AttackParams]:
+    """The ``params`` form field of an attack as sent (the library's names are the API's)
+    and as ``method``'s parameter model (:data:`~protocol.params.attacks.PARAMS_BY_ATTACK`)
+    checks it: 422 ``invalid_params`` for an unknown or bad value."""
+    values = parse_params(text)
+    return values, check_library_params(PARAMS_BY_ATTACK[method], values, "params")
 
 
 def check_method(method: str, known: list[str], kind: str) -> None:
@@ -148,11 +150,15 @@ def check_task(described: DescribeResult, task: str) -> None:
 
 
 def check_target(target: int | None, described: DescribeResult, field: str) -> None:
+    """422 ``invalid_target`` for a class outside the model's ``describe``d classes, before
+    any work is queued: :func:`~protocol.validation.check_class_index`, the handler's check
+    of the same value, with its code and message."""
     if target is None:
         return
-    n = int(described.spec["num_classes"])
-    if not 0 <= target < n:
-        raise ApiError(422, "invalid_target", f"{field} must be in [0, {n - 1}], got {target}")
+    try:
+        check_class_index(field, target, int(described.spec["num_classes"]))
+    except ClassOutOfRange as exc:
+        raise ApiError(422, exc.code, str(exc)) from None
 
 
 def _decode_npy(data: bytes) -> EncodedArray:

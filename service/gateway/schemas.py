@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail
 
@@ -100,38 +100,18 @@ class ExplainResponse(Explanation):
     elapsed_ms: float
 
 
-class AttackParams(RequestModel):
-    """Parameters of the FGSM / I-FGSM / PGD family (pixels in [0, 1]).
-
-    Every field is optional: what the client leaves out takes the method's own default
-    (I-FGSM: paper 000's step 0.001 x 10 steps, no projection; FGSM: one step of 0.01;
-    PGD: 8/255 ball, 2/255 steps, 10 steps, random start with seed 0), and the response's
-    ``params`` says which values were used. FGSM takes no ``steps``/``step_size``; only PGD
-    takes ``random_start`` and ``seed``.
-    """
-
-    epsilon: float | None = Field(None, gt=0, description="budget: FGSM step, PGD/I-FGSM ball radius")
-    step_size: float | None = Field(None, gt=0, le=1)
-    steps: int | None = Field(None, ge=1, le=1000)
-    norm: Literal["linf", "l2"] | None = None
-    target_class: int | None = Field(None, ge=0)
-    stop_at_flip: bool | None = Field(
-        None, description="freeze an image once it flipped (default); false: take every step"
-    )
-    random_start: bool | None = Field(None, description="PGD only: start at a random point")
-    seed: int | None = Field(None, ge=0, description="PGD only: seed of the random start")
-
-    @model_validator(mode="after")
-    def _linf_sizes_within_pixel_range(self) -> AttackParams:
-        if self.norm in (None, "linf") and self.epsilon is not None and self.epsilon > 1:
-            raise ValueError("an L-inf epsilon in [0, 1] pixel units is at most 1")
-        return self
-
-
 AttackMethod = Literal["fgsm", "ifgsm", "pgd"]
 
 
 class AttackResponse(ResponseModel):
+    """One image's adversarial example.
+
+    ``params`` echoes the attack's parameters under the names the request sends them
+    (``epsilon``, ``step_size``, ``steps``, ``norm``, ``target_class``, ...), the method's
+    defaults filled in; it used to say ``eps`` and ``target`` where the request said
+    ``epsilon`` and ``target_class``.
+    """
+
     model: str
     version: str
     method: str
@@ -152,7 +132,7 @@ class AttackResponse(ResponseModel):
         None, description="the exact adversarial image, float32 (3, H, W) in [0, 1], when asked"
     )
     explanation: Explanation | None = Field(
-        None, description="the adversarial image explained (paper 000, figure 5), when asked"
+        None, description="the adversarial image explained [Stock2018, fig. 5], when asked"
     )
     elapsed_ms: float
 

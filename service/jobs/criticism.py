@@ -51,7 +51,7 @@ def decode_array(encoded: EncodedArray) -> np.ndarray:
 
 
 def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> dict[str, Any]:
-    """``m`` prototypes and ``m`` criticisms (paper 000, section 3.3), at most ``n`` each;
+    """``m`` prototypes and ``m`` criticisms [Stock2018, §3.3], at most ``n`` each;
     ``params.prototypes`` / ``params.criticisms`` override either count."""
     out = {k: v for k, v in params.items() if k not in JOB_KEYS}
     for key in ("prototypes", "criticisms"):
@@ -63,7 +63,7 @@ def selection_params(params: dict[str, Any], m: int, n: int | None = None) -> di
 def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
     """Why these criticism parameters are invalid, or None (used by the gateway: 422)."""
     from protocol.criticism.methods import get_selection
-    from protocol.params.attacks import PARAMS_BY_ATTACK, library_names
+    from protocol.params.attacks import PARAMS_BY_ATTACK
     from protocol.validation import InvalidParameter, UnknownMethod, parse_params
 
     try:
@@ -79,7 +79,7 @@ def check_params(method: str, params: dict[str, Any], m: int) -> str | None:
     if not isinstance(attack_params, dict):
         return "attack_params: must be a JSON object"
     try:
-        parse_params(PARAMS_BY_ATTACK[attack], library_names(attack_params))
+        parse_params(PARAMS_BY_ATTACK[attack], attack_params)
     except InvalidParameter as exc:
         return f"attack_params.{exc}"
     return None
@@ -182,7 +182,7 @@ def selected_items(selected: Sequence[SelectedItem], candidates: list[dict[str, 
 
 
 def selection_gallery(read: Callable[[str], bytes], candidates: list[dict[str, Any]], selection: Selection) -> str:
-    """Prototypes row over criticisms row (paper 000, figures 7-8), base64 PNG."""
+    """Prototypes row over criticisms row [Stock2018, figs. 7-8], base64 PNG."""
     from protocol.criticism import gallery_png
 
     chosen = {item.index for item in [*selection.prototypes, *selection.criticisms]}

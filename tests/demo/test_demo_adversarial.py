@@ -63,7 +63,7 @@ def test_targeted_attack_reaches_its_target(demo_model, shapes_split, record_pro
     targets = (y + 1) % 6
     # 100 steps of 0.004, no budget: with 40 how many reach their target depends on the
     # training run (0.75 of them on the shipped weights)
-    result = get_attack("ifgsm", {"step_size": 0.004, "steps": 100, "target": None})(model, x, targets=targets)
+    result = get_attack("ifgsm", {"step_size": 0.004, "steps": 100, "target_class": None})(model, x, targets=targets)
     record_property("target_reached", result.success.float().mean().item())
     assert result.success.float().mean() >= 0.95
     assert torch.equal(result.predictions[result.success], targets[result.success])
@@ -72,9 +72,9 @@ def test_targeted_attack_reaches_its_target(demo_model, shapes_split, record_pro
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
-        (("ifgsm", {"eps": 0.01, "step_size": 0.001, "steps": 10}), ("BIM", {"eps": 0.01, "alpha": 0.001, "steps": 10})),
-        (("pgd", {"eps": 0.03, "step_size": 0.005, "steps": 10, "random_start": False}), ("PGD", {"eps": 0.03, "alpha": 0.005, "steps": 10, "random_start": False})),
-        (("pgd", {"norm": "l2", "eps": 1.0, "step_size": 0.2, "steps": 10, "random_start": False}), ("PGDL2", {"eps": 1.0, "alpha": 0.2, "steps": 10, "random_start": False})),
+        (("ifgsm", {"epsilon": 0.01, "step_size": 0.001, "steps": 10}), ("BIM", {"eps": 0.01, "alpha": 0.001, "steps": 10})),
+        (("pgd", {"epsilon": 0.03, "step_size": 0.005, "steps": 10, "random_start": False}), ("PGD", {"eps": 0.03, "alpha": 0.005, "steps": 10, "random_start": False})),
+        (("pgd", {"norm": "l2", "epsilon": 1.0, "step_size": 0.2, "steps": 10, "random_start": False}), ("PGDL2", {"eps": 1.0, "alpha": 0.2, "steps": 10, "random_start": False})),
     ],
 )
 def test_matches_torchattacks_on_a_demo_model(ours, theirs, demo_model, shapes_split) -> None:  # noqa: ANN001
@@ -112,7 +112,7 @@ def test_flipped_images_stop_where_they_flipped(demo_model, shapes_split) -> Non
     near-zero gradient component's sign may differ, see the test above)."""
     model, _ = demo_model("shapes-resnet-fair")
     x, y = _correct(model, shapes_split("fair", "test"), 40)
-    result = get_attack("ifgsm", {"step_size": 0.002, "eps": 0.02})(model, x, y)
+    result = get_attack("ifgsm", {"step_size": 0.002, "epsilon": 0.02})(model, x, y)
     flipped = (result.steps_to_flip > 0).nonzero().flatten()[:6]
     assert flipped.numel() >= 3
     for i in flipped.tolist():

@@ -143,12 +143,14 @@ def test_handler_tasks_keep_masks_on_their_images(demo_model, shapes_split) -> N
                                                          groups=[[5, 9]], sigmas=[0.25]))
     assert len(noised.features) == 2 and len(noised.groups[0][0]) == 4
     refused = [
-        contract.MaskSensitivityRequest(images=images, masks=masks[:3], seeds=[1, 2, 3, 4], sigmas=[0.5]),
-        contract.NoiseSensitivityRequest(images=images, seeds=[1, 2, 3, 4], features=[64], sigmas=[0.5]),
-        contract.NoiseSensitivityRequest(images=images, seeds=[1, 2], features=[1], sigmas=[0.5]),
-        contract.ClassFeaturesRequest(images=images, labels=[0, 1, 2, 6]),
+        (contract.MaskSensitivityRequest(images=images, masks=masks[:3], seeds=[1, 2, 3, 4], sigmas=[0.5]),
+         "bad_parameter"),
+        (contract.NoiseSensitivityRequest(images=images, seeds=[1, 2, 3, 4], features=[64], sigmas=[0.5]),
+         "bad_parameter"),
+        (contract.NoiseSensitivityRequest(images=images, seeds=[1, 2], features=[1], sigmas=[0.5]), "bad_parameter"),
+        (contract.ClassFeaturesRequest(images=images, labels=[0, 1, 2, 6]), "invalid_target"),  # a class index
     ]
-    for bad in refused:
+    for bad, code in refused:
         with pytest.raises(TaskError) as refusal:
             runner.run(bad)
-        assert refusal.value.status == 422 and refusal.value.code == "bad_parameter"
+        assert refusal.value.status == 422 and refusal.value.code == code

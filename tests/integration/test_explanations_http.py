@@ -97,13 +97,13 @@ def test_attack_flips_within_budget_and_targeted_reaches_target(api: httpx.Clien
 
 @pytest.mark.parametrize("method", ["fgsm", "ifgsm", "pgd"])
 def test_every_attack_runs_with_its_own_defaults(api: httpx.Client, star, method: str) -> None:
-    """No params: the method's defaults (FGSM takes no ``steps``; I-FGSM is paper 000's)."""
+    """No params: the method's defaults (FGSM takes no ``steps``; I-FGSM is [Stock2018, §3.2]'s)."""
     image, _ = star
     reply = api.post(f"/v1/models/{MODEL}/attack", files=_files(image), data={"method": method})
     assert reply.status_code == 200, reply.text
     params = reply.json()["params"]
-    expected = {"fgsm": {"eps": 0.01}, "ifgsm": {"step_size": 0.001, "steps": 10},
-                "pgd": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}}[method]
+    expected = {"fgsm": {"epsilon": 0.01}, "ifgsm": {"step_size": 0.001, "steps": 10},
+                "pgd": {"epsilon": 8 / 255, "step_size": 2 / 255, "steps": 10}}[method]
     assert {k: params[k] for k in expected} == pytest.approx(expected)
     if method == "fgsm":
         assert "steps" not in params
@@ -161,7 +161,7 @@ def test_apem_grid_and_norm_are_the_clients_to_set(api: httpx.Client, star) -> N
 
 
 def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(api: httpx.Client, star) -> None:
-    """Paper 000, figure 5: the adversarial image explained for its new class."""
+    """[Stock2018, fig. 5]: the adversarial image explained for its new class."""
     image, _ = star
     reply = api.post(f"/v1/models/{MODEL}/attack", files=_files(image), data={
         "method": "ifgsm", "params": json.dumps({"step_size": 0.008}),
@@ -189,7 +189,7 @@ def test_attack_returns_the_exact_image_its_png_prediction_and_its_explanation(a
 
 
 def test_sis_subset_picture_and_numbers(api: httpx.Client, star) -> None:
-    """Paper 004: the sufficient subset, shown alone, and the confidence with 95 % masked."""
+    """[Carter2021]: the sufficient subset, shown alone, and the confidence with 95 % masked."""
     image, _ = star
     reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={
         "method": "sis", "params": json.dumps({"keep_fraction": 0.1}), "outputs": "attention_png",
@@ -214,7 +214,7 @@ def test_sis_subset_picture_and_numbers(api: httpx.Client, star) -> None:
 
 
 def test_lime_pictures_and_numbers_on_request(api: httpx.Client, star) -> None:
-    """Paper 000, figure 12: LIME's attention image and explanation path, and its fit."""
+    """[Stock2018, fig. 12]: LIME's attention image and explanation path, and its fit."""
     image, _ = star
     reply = api.post(f"/v1/models/{MODEL}/explain", files=_files(image), data={
         "method": "lime", "params": json.dumps({"n": 300}),

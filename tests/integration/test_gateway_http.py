@@ -349,7 +349,7 @@ def test_apem_job_over_a_dataset(api: httpx.Client, shapes_split) -> None:
 def test_audit_job_over_http_matches_the_library(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
     """The audit of 12 sky circles through gateway, worker and TorchServe: the features the
     library ranks first, the accuracies it measures with the same noise seeds, and one NAM
-    overlay per feature; core/spurious accuracy come from the groups (paper 002, section 5)."""
+    overlay per feature; core/spurious accuracy come from the groups [Singla2022, §5]."""
     import torch
 
     from handlers.metrics.feature_sensitivity import class_features, noise_sensitivity
@@ -397,7 +397,7 @@ def test_audit_job_over_http_matches_the_library(api: httpx.Client, shapes_split
 
 def test_evaluate_job_over_http(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
     """Top-1 error of 8 circles and 4 stars filed as circles, as the model itself predicts
-    them; raters' votes for `star` on two of the stars rectify those two (paper 000, 3.1)."""
+    them; raters' votes for `star` on two of the stars rectify those two [Stock2018, §3.1]."""
     import torch
 
     from model_store.train import to_tensor
@@ -450,8 +450,8 @@ def _grass_squares_with_masks(split, n: int = 10) -> tuple[list[int], bytes, lis
 
 def test_audit_with_uploaded_region_masks(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
     """Squares on the planted grass with their ground-truth masks under _masks/: the job's
-    annotated core and spurious accuracy are the library's with the same noise (paper 002,
-    definition 2), and show the biased model reading the grass."""
+    annotated core and spurious accuracy are the library's with the same noise
+    [Singla2022, def. 2], and show the biased model reading the grass."""
     import torch
 
     from handlers.metrics.feature_sensitivity import mask_sensitivity
@@ -483,7 +483,7 @@ def test_audit_with_uploaded_region_masks(api: httpx.Client, shapes_split, demo_
 
 
 def test_overinterpretation_job_with_region_masks_matches_the_library(api: httpx.Client, shapes_split, demo_model) -> None:  # noqa: ANN001
-    """Paper 004 over HTTP: squares on the planted grass with their ground-truth masks. The
+    """[Carter2021] over HTTP: squares on the planted grass with their ground-truth masks. The
     job's subsets are the library's, and they lie on the grass, not the square (measured on
     100 such squares: 0.99 of the subsets' pixels for shapes-resnet; 0.97 for the fair model,
     whose subsets are 8 % of the image: sufficient, not what a person would call evidence)."""

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 import torchattacks
 
 from handlers.attacks import NEVER, available_attacks, get_attack
-from protocol.validation import InvalidParameter, UnknownMethod
+from protocol.validation import ClassOutOfRange, InvalidParameter, UnknownMethod
 from tests.unit.adversarial_helpers import assert_unchanged, images, snapshot, tiny_cnn
 
 SETTINGS = {
-    "fgsm": [{"eps": 0.02}, {"eps": 0.3, "norm": "l2"}],
-    "ifgsm": [{"step_size": 0.004, "steps": 6}, {"step_size": 0.05, "steps": 5, "eps": 0.12, "norm": "l2"}],
-    "pgd": [{"eps": 0.03, "step_size": 0.01, "steps": 5}, {"eps": 0.3, "step_size": 0.1, "steps": 4, "norm": "l2"}],
+    "fgsm": [{"epsilon": 0.02}, {"epsilon": 0.3, "norm": "l2"}],
+    "ifgsm": [{"step_size": 0.004, "steps": 6}, {"step_size": 0.05, "steps": 5, "epsilon": 0.12, "norm": "l2"}],
+    "pgd": [{"epsilon": 0.03, "step_size": 0.01, "steps": 5}, {"epsilon": 0.3, "step_size": 0.1, "steps": 4, "norm": "l2"}],
 }
 
 
@@ -39,7 +39,7 @@ def test_invariants_of_every_attack(name: str, setting: int) -> None:
     adv = result.adversarial
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     norm = params.get("norm", "linf")
-    budget = params.get("eps", params.get("step_size", 0) * params.get("steps", 1))
+    budget = params.get("epsilon", params.get("step_size", 0) * params.get("steps", 1))
     assert torch.all(_norm(adv - x, norm) <= budget + 1e-9)
     assert torch.allclose(result.linf, _norm(adv - x, "linf")) and torch.allclose(result.l2, _norm(adv - x, "l2"))
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_ifgsm_equals_plain_reference_loop(norm: str, targeted: bool) -> None:
     model, x = tiny_cnn(seed=1), images(8, seed=1)
     alpha, eps = (0.001, 0.006) if norm == "linf" else (0.015, 0.1)
     targets = torch.arange(8) % 4
-    params = {"step_size": alpha, "steps": 12, "eps": eps, "norm": norm}
+    params = {"step_size": alpha, "steps": 12, "epsilon": eps, "norm": norm}
     result = get_attack("ifgsm", params)(model, x, targets=targets if targeted else None)
     with torch.no_grad():
         reference = targets if targeted else model(x).argmax(1)
@@ -114,19 +114,19 @@ def test_misclassified_images_take_zero_steps() -> None:
 
 def _torchattacks(name: str, model, params: dict):  # noqa: ANN001, ANN202
     if name == "fgsm":
-        return torchattacks.FGSM(model, eps=params["eps"])
+        return torchattacks.FGSM(model, eps=params["epsilon"])
     if name == "ifgsm":
-        return torchattacks.BIM(model, eps=params["eps"], alpha=params["step_size"], steps=params["steps"])
+        return torchattacks.BIM(model, eps=params["epsilon"], alpha=params["step_size"], steps=params["steps"])
     if params.get("norm") == "l2":
-        return torchattacks.PGDL2(model, eps=params["eps"], alpha=params["step_size"], steps=params["steps"], random_start=False)
-    return torchattacks.PGD(model, eps=params["eps"], alpha=params["step_size"], steps=params["steps"], random_start=False)
+        return torchattacks.PGDL2(model, eps=params["epsilon"], alpha=params["step_size"], steps=params["steps"], random_start=False)
+    return torchattacks.PGD(model, eps=params["epsilon"], alpha=params["step_size"], steps=params["steps"], random_start=False)
 
 
 PARITY = [
-    ("fgsm", {"eps": 0.02}),
-    ("ifgsm", {"eps": 0.03, "step_size": 0.005, "steps": 10}),
-    ("pgd", {"eps": 0.03, "step_size": 0.01, "steps": 6, "random_start": False}),
-    ("pgd", {"eps": 0.5, "step_size": 0.1, "steps": 6, "random_start": False, "norm": "l2"}),
+    ("fgsm", {"epsilon": 0.02}),
+    ("ifgsm", {"epsilon": 0.03, "step_size": 0.005, "steps": 10}),
+    ("pgd", {"epsilon": 0.03, "step_size": 0.01, "steps": 6, "random_start": False}),
+    ("pgd", {"epsilon": 0.5, "step_size": 0.1, "steps": 6, "random_start": False, "norm": "l2"}),
 ]
 
 
@@ -148,7 +148,7 @@ def test_matches_torchattacks(name: str, params: dict, targeted: bool) -> None:
 
 def test_pgd_random_start_is_seeded_and_within_budget() -> None:
     model, x = tiny_cnn(), images(4)
-    params = {"eps": 0.05, "step_size": 0.01, "steps": 2, "stop_at_flip": False}
+    params = {"epsilon": 0.05, "step_size": 0.01, "steps": 2, "stop_at_flip": False}
     a = get_attack("pgd", {**params, "seed": 7})(model, x)
     b = get_attack("pgd", {**params, "seed": 7})(model, x)
     c = get_attack("pgd", {**params, "seed": 8})(model, x)
@@ -183,10 +183,10 @@ def test_model_restored_after_an_exception() -> None:
         ("ifgsm", {"step_size": -1}, "step_size"),
         ("ifgsm", {"steps": 0}, "steps"),
         ("ifgsm", {"norm": "l3"}, "norm"),
-        ("ifgsm", {"eps": 2.0}, "eps"),
-        ("fgsm", {"epsilon": 0.1}, "epsilon"),
+        ("ifgsm", {"epsilon": 2.0}, "epsilon"),
+        ("fgsm", {"eps": 0.1}, "eps"),  # the old name of epsilon is refused, not ignored
         ("pgd", {"seed": -3}, "seed"),
-        ("pgd", {"target": -1}, "target"),
+        ("pgd", {"target_class": -1}, "target_class"),
     ],
 )
 def test_bad_parameters_name_the_parameter(name: str, params: dict, param: str) -> None:
@@ -197,8 +197,8 @@ def test_bad_parameters_name_the_parameter(name: str, params: dict, param: str) 
 
 def test_bad_call_arguments() -> None:
     model = tiny_cnn()
-    with pytest.raises(InvalidParameter, match="target"):
-        get_attack("ifgsm", {"target": 4})(model, images(2))
+    with pytest.raises(ClassOutOfRange, match="target_class: class 4 is out of range"):
+        get_attack("ifgsm", {"target_class": 4})(model, images(2))
     with pytest.raises(InvalidParameter, match="images"):
         get_attack("ifgsm")(model, images(2) * 3)
     with pytest.raises(InvalidParameter, match="images"):
@@ -239,7 +239,7 @@ def test_masked_loop_of_accelerators_equals_the_compact_cpu_loop(targeted: bool,
 
     model, x = tiny_cnn(seed=1), images(8, seed=1)
     targets = torch.arange(8) % 4 if targeted else None
-    params = {"step_size": 0.004, "steps": 12, "eps": 0.03} if targeted else {"step_size": 0.001, "steps": 12, "eps": 0.006}
+    params = {"step_size": 0.004, "steps": 12, "epsilon": 0.03} if targeted else {"step_size": 0.001, "steps": 12, "epsilon": 0.006}
     attack = get_attack("ifgsm", params)
     compact = attack(model, x, targets=targets)
     monkeypatch.setattr(base, "compacts", lambda device: False)

@@ -177,7 +177,7 @@ def test_criticism_job_lifecycle(
     assert len({job_id, again, *batches}) == 4  # four runs, not one result served again
     if method == "adversarial":  # the attack's parameters are checked on arrival too
         for bad, where in (({"attack": "cw"}, "attack:"), ({"attack_params": {"steps": 0}}, "attack_params.steps"),
-                           ({"attack": "pgd", "attack_params": {"epsilon": 2}}, "attack_params.eps"),
+                           ({"attack": "pgd", "attack_params": {"epsilon": 2}}, "attack_params.epsilon"),
                            ({"attack_params": [1]}, "attack_params:")):
             body = assert_error(client.post("/v1/jobs", json={**job, "params": {**job["params"], **bad}}), 422)
             assert body["error"]["code"] == "invalid_params" and where in body["error"]["message"]
@@ -395,7 +395,7 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
     """The fake's importances rank feature 3 first on red images and feature 1 on dark
     ones; its feature f flips every image once sigma * (f + 1) > 0.5 (a group: sigma *
     its largest feature); accuracies, drops, the gallery order and core/spurious accuracy
-    (paper 002, definition 2) follow from that."""
+    [Singla2022, def. 2] follow from that."""
     entries = {f"circle/{i}.png": colored(i) for i in range(9, 13)}  # red 180..240 -> importance 9..12
     entries.update({f"square/{i}.png": colored(i) for i in range(1, 3)})  # red 20, 40 -> 1, 2
     dataset = upload(client, make_zip(entries)).json()["dataset_id"]
@@ -465,7 +465,7 @@ def test_audit_job_ranks_features_and_measures_accuracy_under_noise(
 def test_evaluate_job_errors_rectified_by_votes(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Paper 000, section 3.1. The fake ranks circle first for the first 7 of 10 images, then
+    """[Stock2018, §3.1]. The fake ranks circle first for the first 7 of 10 images, then
     square: square/1 and both triangles are top-1 errors, the triangles top-2 errors too.
     Four of five raters found square relevant for triangle/1 (rectified), three of five
     circle for square/1 (not enough); triangle/2 has no votes, so it is the one to review."""
@@ -512,8 +512,8 @@ def grey(level: int, size: int = 6) -> bytes:
 
 
 def test_region_masks_upload_and_audit(client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Masks under _masks/<kind>/<image path> attach to their images (paper 002's annotated
-    regions); strays are reported. The fake flips an image once sigma x its mask's level
+    """Masks under _masks/<kind>/<image path> attach to their images (Singla & Feizi's annotated
+    regions [Singla2022, §5.1]); strays are reported. The fake flips an image once sigma x its mask's level
     passes 0.2: white core masks flip from sigma 0.25, dark spurious ones (level 0.2) never."""
     entries = {f"circle/{i}.png": colored(i) for i in range(1, 4)}
     entries |= {f"_masks/core/circle/{i}.png": grey(255) for i in range(1, 4)}
@@ -579,7 +579,7 @@ def test_a_generated_split_uploads_with_its_region_masks(client: TestClient, tmp
 def test_overinterpretation_job_summarises_subsets_per_class_and_region(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Paper 004. The fake's subset of an image is its red level / 255 of the pixels (none for
+    """[Carter2021]. The fake's subset of an image is its red level / 255 of the pixels (none for
     black), the label's probability with 5 % kept is 1 - that, and a subset's share on a region
     is the region mask's level: the summaries, the gallery order and the grouping of calls by
     the masks uploaded follow from that."""

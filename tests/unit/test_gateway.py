@@ -241,6 +241,19 @@ def test_bad_parameters_422(client: TestClient, path: str, data: dict, code: str
     assert all(r["task"] == "describe" for r in fake_torchserve.State.requests[before:])
 
 
+def test_target_classes_are_refused_as_the_handler_refuses_them(client: TestClient) -> None:
+    """One check of a class index (``protocol.validation.check_class_index``): the gateway's
+    refusal has the handler's code and message shape, under the name the request used."""
+    for path, data, name in (
+        ("explain", {"method": "gradient", "target": "3"}, "target"),
+        ("attack", {"method": "pgd", "params": '{"target_class": 5}'}, "params.target_class"),
+    ):
+        body = assert_error(client.post(f"/v1/models/shapes-resnet/{path}", files=files(), data=data), 422,
+                            "invalid_target")
+        value = data.get("target") or json.loads(data["params"])["target_class"]
+        assert body["error"]["message"] == f"{name}: class {value} is out of range for a model with 3 classes"
+
+
 def test_bad_images(client: TestClient) -> None:
     url = "/v1/models/shapes-resnet/predict"
     assert_error(client.post(url, files=files(b"")), 422, "empty_image")

@@ -166,3 +166,21 @@ def test_the_first_request_builds_no_copy(tmp_path: Path, monkeypatch: pytest.Mo
     with torch.no_grad():
         assert canonized(served.model.network, served.model.normalize(pixels)) is served.lrp
     assert fused_classifier(served.model, pixels).fused is served.inference.fused
+
+
+def test_attack_parameters_keep_their_names_and_classes_one_check(runner: TaskRunner) -> None:
+    """The request's attack parameter names reach the library and come back in the echo;
+    a class index out of range is 422 ``invalid_target`` with the gateway's message shape."""
+    classes = runner.served.spec.num_classes
+    sent = {"epsilon": 0.02, "target_class": 1}
+    result = runner.run(contract.AttackRequest(image=IMAGES[0], method="fgsm", params=sent))
+    assert {k: result.params[k] for k in sent} == sent and "eps" not in result.params
+    for request, name in (
+        (contract.AttackRequest(image=IMAGES[0], method="pgd", params={"target_class": classes}), "target_class"),
+        (contract.ExplainRequest(image=IMAGES[0], method="gradient", target=classes), "target"),
+        (contract.ClassFeaturesRequest(images=IMAGES, labels=[0, classes]), "labels"),
+    ):
+        with pytest.raises(TaskError) as refusal:
+            runner.run(request)
+        assert (refusal.value.status, refusal.value.code) == (422, "invalid_target")
+        assert refusal.value.message == f"{name}: class {classes} is out of range for a model with {classes} classes"

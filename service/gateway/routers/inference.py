@@ -185,7 +185,7 @@ async def attack(
 ) -> AttackResponse:
     start = time.perf_counter()
     check_task(described, "attack")
-    attack_params = parse_attack_params(params)
+    sent, attack_params = parse_attack_params(params, method)
     check_target(attack_params.target_class, described, "params.target_class")
     explanation = None
     if explain is not None:
@@ -199,7 +199,7 @@ async def attack(
     request = AttackRequest(
         image=pixels,
         method=method,
-        params=attack_params.model_dump(exclude_none=True),
+        params=sent,
         explanation=explanation,
         adversarial_array=adversarial_array,
     )

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from protocol.contract import DescribeResult, FilterRequest, FilterResult
 from protocol.params.metrics import FilterParams
 from service.errors import ApiError
-from service.gateway.forms import check_library_params
+from service.gateway.forms import check_library_params, check_target
 from service.gateway.schemas import RequestModel
 from service.imaging import decode_image
 from service.jobs.common import check_explanation, elapsed_ms, fail, set_progress
@@ -62,8 +62,7 @@ class Filter(JobType[FilterJobRequest]):
         """Also canonicalises the image: the spec carries its RGB PNG, whatever was uploaded."""
         check_explanation(described, "filter", body.method, body.apem_params)
         check_library_params(FilterParams, body.filter_params, "filter_params")
-        if body.target is not None and body.target >= int(described.spec["num_classes"]):
-            raise ApiError(422, "invalid_target", "target out of range")
+        check_target(body.target, described, "target")
         try:
             raw = base64.b64decode(body.image, validate=True)
         except (binascii.Error, ValueError):
