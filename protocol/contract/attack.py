@@ -37,11 +37,16 @@ class AttackResult(StampedResult):
     l2: float
     adversarial_png: str
     png_prediction: ClassScore = Field(
-        description="prediction of adversarial_png as delivered (rounded to 8 bits per channel)"
+        description="prediction of adversarial_png as delivered (8 bits per channel): what "
+        "uploading it again gives; steps below half a level are partly lost in it"
     )
     perturbation_png: str
-    adversarial_array: EncodedArray | None = None
-    explanation: ExplainResult | None = None
+    adversarial_array: EncodedArray | None = Field(
+        None, description="the exact adversarial image, float32 (3, H, W) in [0, 1], when asked"
+    )
+    explanation: ExplainResult | None = Field(
+        None, description="the adversarial image explained [Stock2018, fig. 5], when asked"
+    )
 
 
 register_task(AttackRequest, AttackResult)

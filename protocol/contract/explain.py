@@ -49,9 +49,17 @@ class ExplainResult(StampedResult):
     relevance: EncodedArray | None = None
     heatmap_png: str | None = None
     overlay_png: str | None = None
-    attention_png: str | None = None
-    path_png: str | None = None
-    extras: dict[str, Any] = Field(default_factory=dict)
+    attention_png: str | None = Field(
+        None, description="LIME: the top superpixels shown; SIS: the sufficient subset shown"
+    )
+    path_png: str | None = Field(None, description="LIME: superpixels added one by one")
+    extras: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the method's own numbers (LIME segments, weights and fit score; IG's "
+        "completeness gap; LRP's logit and relevance sums; NAM's feature; SmoothGrad's noise; "
+        "SIS's subset size, its confidence and the confidence with only keep_fraction of the "
+        "pixels)",
+    )
     apem: ApemScore | None = None
 
 

@@ -79,7 +79,10 @@ class StampedResult(Strict):
 
     model: str
     version: str
-    elapsed_ms: float
+    elapsed_ms: float = Field(
+        description="milliseconds: the model server's work; in the gateway's answers the whole "
+        "request (upload, decoding, the model server)"
+    )
 
 
 # an APEM score [doValle2019, ch. 3]: the apem task's, or an explanation's
@@ -90,4 +93,6 @@ class ApemScore(Strict):
     apem_norm: float | None = None
     grid: dict[str, Any]
     approximate: bool = False
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="APEM parameters used, defaults filled in"
+    )

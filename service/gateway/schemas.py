@@ -1,7 +1,8 @@
 """HTTP request and response models of the gateway (separate models per direction).
 
-Nested parts shared with TorchServe (class scores, encoded arrays, APEM scores) are the
-contract's own models, so what the handler sends is what the client gets. Each job type's
+The single-image responses are the contract's result models (what the handler sends is
+what the client gets; the gateway only puts its own ``elapsed_ms`` in), and so are their
+nested parts (class scores, encoded arrays, APEM scores). Each job type's
 request and result models live with the job type (:mod:`service.jobs.types`); the job
 envelopes (accepted, status) are here.
 """
@@ -13,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.contract import ApemScore, ClassScore, EncodedArray, ErrorDetail
+from protocol.contract import (
+    ApemResult,
+    AttackResult,
+    ErrorDetail,
+    ExplainResult,
+    PredictResult,
+)
 
 JobState = Literal["queued", "started", "finished", "failed", "canceled"]
 
@@ -65,45 +72,22 @@ class ModelList(ResponseModel):
 
 
 # --------------------------------------------------------------------------- single image
-class PredictResponse(ResponseModel):
-    model: str
-    version: str
-    predictions: list[ClassScore]
-    elapsed_ms: float
+# The model server's result models are the public ones: the gateway parses TorchServe's
+# reply into them and only replaces ``elapsed_ms`` with what it measured itself (the whole
+# request: upload, decoding, the model server's work).
+class PredictResponse(PredictResult):
+    """The top classes of one image."""
 
 
-class Explanation(ResponseModel):
-    method: str
-    params: dict[str, Any]
-    target: int
-    stage: int
-    prediction: ClassScore
-    relevance: EncodedArray | None = None
-    heatmap_png: str | None = None
-    overlay_png: str | None = None
-    attention_png: str | None = Field(
-        None, description="LIME: the top superpixels shown; SIS: the sufficient subset shown"
-    )
-    path_png: str | None = Field(None, description="LIME: superpixels added one by one")
-    extras: dict[str, Any] = Field(
-        default_factory=dict,
-        description="the method's own numbers (LIME segments, weights and fit score; IG's "
-        "completeness gap; LRP's logit and relevance sums; NAM's feature; SmoothGrad's noise; SIS's subset "
-        "size, its confidence and the confidence with only keep_fraction of the pixels)",
-    )
-
-
-class ExplainResponse(Explanation):
-    model: str
-    version: str
-    apem: ApemScore | None = None
-    elapsed_ms: float
+class ExplainResponse(ExplainResult):
+    """One image's explanation: its map at the chosen stage, its pictures, and its APEM
+    score when asked."""
 
 
 AttackMethod = Literal["fgsm", "ifgsm", "pgd"]
 
 
-class AttackResponse(ResponseModel):
+class AttackResponse(AttackResult):
     """One image's adversarial example.
 
     ``params`` echoes the attack's parameters under the names the request sends them
@@ -112,47 +96,9 @@ class AttackResponse(ResponseModel):
     ``epsilon`` and ``target_class``.
     """
 
-    model: str
-    version: str
-    method: str
-    params: dict[str, Any]
-    original: ClassScore
-    adversarial: ClassScore
-    success: bool
-    steps_to_flip: int | None
-    linf: float
-    l2: float
-    adversarial_png: str
-    png_prediction: ClassScore = Field(
-        description="prediction of adversarial_png as delivered (8 bits per channel): what "
-        "uploading it again gives; steps below half a level are partly lost in it"
-    )
-    perturbation_png: str
-    adversarial_array: EncodedArray | None = Field(
-        None, description="the exact adversarial image, float32 (3, H, W) in [0, 1], when asked"
-    )
-    explanation: Explanation | None = Field(
-        None, description="the adversarial image explained [Stock2018, fig. 5], when asked"
-    )
-    elapsed_ms: float
 
-
-class ApemResponse(ResponseModel):
-    model: str
-    version: str
-    method: str | None
-    method_params: dict[str, Any] = Field(
-        default_factory=dict, description="the explainer's parameters (none for an uploaded map)"
-    )
-    target: int
-    eps_minus: float | None
-    eps_plus: float | None
-    apem: float | None
-    apem_norm: float | None
-    grid: dict[str, Any]
-    approximate: bool = False
-    params: dict[str, Any] = Field(description="APEM parameters used, defaults filled in")
-    elapsed_ms: float
+class ApemResponse(ApemResult):
+    """The APEM score of one image's explanation or of an uploaded map."""
 
 
 # --------------------------------------------------------------------------- datasets

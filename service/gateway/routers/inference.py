@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from protocol.contract import (
     ApemRequest,
-    ApemResult,
     AttackRequest,
-    AttackResult,
     ExplainOptions,
     ExplainRequest,
-    ExplainResult,
     PredictRequest,
-    PredictResult,
+    StampedResult,
 )
 from protocol.params.metrics import ApemParams
 from service.errors import ApiError
@@ -66,8 +63,13 @@ ERRORS = {
 }
 
 
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
+Answer = TypeVar("Answer", bound=StampedResult)
+
+
+def measured(result: Answer, start: float) -> Answer:
+    """The model server's result as the client gets it: its ``elapsed_ms`` replaced by the
+    gateway's, the whole request since ``start`` (upload, decoding, the model server)."""
+    return result.model_copy(update={"elapsed_ms": round((time.perf_counter() - start) * 1000, 3)})
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)
@@ -83,13 +85,8 @@ async def predict(
     name = described.spec["name"]
     pixels = await read_image(image, settings)
     k = min(top_k, int(described.spec["num_classes"]))
-    result = await torchserve.call(name, PredictRequest(image=pixels, top_k=k), PredictResult)
-    return PredictResponse(
-        model=result.model,
-        version=result.version,
-        predictions=result.predictions,
-        elapsed_ms=_ms(start),
-    )
+    result = await torchserve.call(name, PredictRequest(image=pixels, top_k=k), PredictResponse)
+    return measured(result, start)
 
 
 @router.post("/explain", response_model=ExplainResponse, responses=ERRORS)
@@ -139,28 +136,8 @@ async def explain(
         colormap=colormap,
         **({} if wanted is None else {"outputs": wanted}),
     )
-    result = await torchserve.call(described.spec["name"], request, ExplainResult)
-    return ExplainResponse(
-        **result.model_dump(
-            include={
-                "model",
-                "version",
-                "method",
-                "params",
-                "target",
-                "stage",
-                "prediction",
-                "relevance",
-                "heatmap_png",
-                "overlay_png",
-                "attention_png",
-                "path_png",
-                "extras",
-                "apem",
-            }
-        ),
-        elapsed_ms=_ms(start),
-    )
+    result = await torchserve.call(described.spec["name"], request, ExplainResponse)
+    return measured(result, start)
 
 
 @router.post("/attack", response_model=AttackResponse, responses=ERRORS)
@@ -203,8 +180,8 @@ async def attack(
         explanation=explanation,
         adversarial_array=adversarial_array,
     )
-    result = await torchserve.call(described.spec["name"], request, AttackResult)
-    return AttackResponse(**result.model_dump(exclude={"elapsed_ms"}), elapsed_ms=_ms(start))
+    result = await torchserve.call(described.spec["name"], request, AttackResponse)
+    return measured(result, start)
 
 
 @router.post("/apem", response_model=ApemResponse, responses=ERRORS)
@@ -246,23 +223,5 @@ async def apem(
         target=target,
         apem_params=parsed_apem,
     )
-    result = await torchserve.call(described.spec["name"], request, ApemResult)
-    return ApemResponse(
-        **result.model_dump(
-            include={
-                "model",
-                "version",
-                "method",
-                "method_params",
-                "target",
-                "eps_minus",
-                "eps_plus",
-                "apem",
-                "apem_norm",
-                "grid",
-                "approximate",
-                "params",
-            }
-        ),
-        elapsed_ms=_ms(start),
-    )
+    result = await torchserve.call(described.spec["name"], request, ApemResponse)
+    return measured(result, start)
