@@ -4,8 +4,8 @@
 :class:`SyncTorchServeClient` (RQ workers: ``httpx``) share the request building and reply
 mapping below. A request whose images are raw pixels goes as a binary frame
 (:mod:`protocol.frames`), any other as JSON. The gateway uses aiohttp because its client is
-on every request's path: posting a 262 KB body to a local server costs 0.18 ms of CPU with
-aiohttp 3.14 against 1.1 ms with httpx 0.28 (docs/performance.md). Every TorchServe failure becomes an
+on every request's path, and it posts a body for a fraction of httpx's CPU
+(benchmarks/results/service.md). Every TorchServe failure becomes an
 :class:`~service.errors.ApiError` with a status the gateway can answer as is: unreachable ->
 503, read timeout -> 504, TorchServe's own 503 (no worker / queue full) and a full
 connection pool -> 503 with ``Retry-After``, the handler's ``ErrorBody`` -> its 4xx with

@@ -1,8 +1,8 @@
 """FastAPI dependencies as ``Annotated`` aliases: settings, auth, clients, model lookup.
 
 Every dependency is ``async def`` even where it awaits nothing: FastAPI runs a plain
-``def`` dependency in the thread pool, a hop that costs about 0.1 ms of CPU per dependency
-and request (predict has four).
+``def`` dependency in the thread pool, a hop that costs CPU on every dependency of every
+request (benchmarks/results/service.md).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from service.torchserve_client import AsyncTorchServeClient
 
 async def app_settings(request: Request) -> Settings:
     """The settings the app was built with (``create_app``). Not ``dependency_overrides``:
-    with any override in place FastAPI rebuilds every dependency of every request (about
-    1 ms of CPU per request, measured in docs/performance.md)."""
+    with any override in place FastAPI rebuilds every dependency of every request
+    (benchmarks/results/service.md)."""
     return request.app.state.settings
 
 

@@ -13,10 +13,8 @@ A class larger than ``BEYOND_CHUNK_IMAGES`` is gathered in chunks, by any worker
 which needs every image.
 
 The batches go to TorchServe ``BEYOND_EMBED_CONCURRENCY`` at a time. The default, 1, leaves
-the model's other TorchServe worker to interactive requests; 2 on the demo archives (two
-workers) made criticism of 2,000 images 1.3-1.45x faster (adversarial 15.4-16.5 -> 10.9-11.9 s)
-and raised the p95 of ``/predict`` meanwhile from 22-231 to 370-450 ms, about one batch's
-wait (``python -m benchmarks.jobs``).
+the model's other TorchServe worker to interactive requests; more makes a large job faster
+and interactive requests wait about one batch longer meanwhile (benchmarks/results/service.md).
 """
 
 from __future__ import annotations

@@ -21,9 +21,8 @@ from service.jobs.calls import encoded_blob, in_batches
 from service.torchserve_client import SyncTorchServeClient
 
 IMAGES_PER_CALL = 8
-"""Images per TorchServe call: the exact search shares forward passes between them (8 per
-call was 1.2x faster per image than 1 on the demo model, benchmarks/results/adversarial.md)
-while a call on a large model stays well within TorchServe's response timeout."""
+"""Images per TorchServe call: the exact search shares forward passes between them (faster per
+image than one at a time: benchmarks/results/service.md) while a call on a large model stays well within TorchServe's response timeout."""
 
 
 def sample(images: list[dict[str, Any]], max_images: int, seed: int) -> list[dict[str, Any]]:
