@@ -7,7 +7,8 @@ runs when a job arrives, and how a worker runs it. The gateway's ``POST /v1/jobs
 ``/v1/jobs/{id}/result`` response are the discriminated unions of the registered models
 (:func:`request_union`, :func:`result_union`), a job's check is its type's, and workers run
 every job through the three RQ functions of :mod:`service.jobs.tasks`, which find the type
-by the spec's ``type``: adding a job type edits no list but the one of modules.
+by the spec's ``type``. The package imports every module it holds, so adding a job type
+edits no list.
 """
 
 from __future__ import annotations
