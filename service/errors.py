@@ -1,7 +1,8 @@
 """The one error shape of the gateway: ``{"error": {"code": ..., "message": ...}}``.
 
 Routers and helpers raise :class:`ApiError`; ``install_error_handlers`` turns it, FastAPI's
-validation errors, Starlette's HTTP errors and anything unexpected into that JSON body.
+validation errors, Starlette's HTTP errors, an unreachable Redis (503 ``queue_unavailable``
+with ``Retry-After``) and anything unexpected into that JSON body.
 Unexpected exceptions are logged with their traceback server-side and answered with a
 generic message, so no stack trace or secret ever reaches a client.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -87,6 +89,21 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
 
+QUEUE_RETRY_AFTER_S = 5
+"""``Retry-After`` of a 503 while Redis (the job queue and store) is unreachable: about a
+restart's time; RQ and the gateway reconnect by themselves when it is back."""
+
+
+async def _queue_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis unreachable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "queue_unavailable",
+        "the job queue is unreachable; retry later",
+        {"Retry-After": str(QUEUE_RETRY_AFTER_S)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal error; see the gateway log")
@@ -96,4 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Redis down or timing out: the job routes answer 503, the rest keeps serving
+    app.add_exception_handler(redis.exceptions.ConnectionError, _queue_unavailable)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _queue_unavailable)
     app.add_exception_handler(Exception, _unexpected)

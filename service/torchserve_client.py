@@ -80,6 +80,14 @@ def _busy(retry_after_s: int, message: str) -> ApiError:
     return ApiError(503, "model_server_busy", message, headers={"Retry-After": str(retry_after_s)})
 
 
+def _unavailable(retry_after_s: int, message: str) -> ApiError:
+    """503 ``model_server_unavailable`` with ``Retry-After``: the model server is away (down,
+    restarting, or refusing the gateway's token); a client may retry after it."""
+    return ApiError(
+        503, "model_server_unavailable", message, headers={"Retry-After": str(retry_after_s)}
+    )
+
+
 def map_reply(status: int, content: bytes, result_model: type[R], retry_after_s: int) -> R:
     """Validate a TorchServe reply into ``result_model`` or raise the matching ApiError."""
     if status == 200:
@@ -94,7 +102,7 @@ def map_reply(status: int, content: bytes, result_model: type[R], retry_after_s:
         raise _busy(retry_after_s, "the model server is busy or has no free worker; retry later")
     if status in (401, 403):
         log.error("TorchServe refused the inference token (status %s)", status)
-        raise ApiError(503, "model_server_unavailable", "the model server refused the gateway")
+        raise _unavailable(retry_after_s, "the model server refused the gateway")
     body = None
     try:
         body = ErrorBody.model_validate_json(content)
@@ -119,7 +127,7 @@ def _transport_error(exc: httpx.HTTPError, retry_after_s: int) -> ApiError:
         return _busy(retry_after_s, "all connections to the model server are busy; retry later")
     if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return ApiError(504, "model_server_timeout", "the model server did not answer in time")
-    return ApiError(503, "model_server_unavailable", "the model server is unreachable")
+    return _unavailable(retry_after_s, "the model server is unreachable")
 
 
 def _async_transport_error(exc: Exception, retry_after_s: int) -> ApiError:
@@ -133,7 +141,7 @@ def _async_transport_error(exc: Exception, retry_after_s: int) -> ApiError:
         return _busy(retry_after_s, "all connections to the model server are busy; retry later")
     if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
         return ApiError(504, "model_server_timeout", "the model server did not answer in time")
-    return ApiError(503, "model_server_unavailable", "the model server is unreachable")
+    return _unavailable(retry_after_s, "the model server is unreachable")
 
 
 def _call_headers(content_type: str, waits_s: float, tokens: TokenSource) -> dict[str, str]:

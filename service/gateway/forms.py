@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections import Counter
 from typing import Any, TypeVar, get_args
 
 import numpy as np
@@ -61,11 +62,14 @@ def _declared(dependant: Dependant) -> tuple[set[str], set[str]]:
     return form, query
 
 
-async def reject_unknown_fields(request: Request, _: ApiKey) -> None:
-    """422 ``unknown_field`` naming form fields or query parameters the route does not take.
+async def reject_stray_fields(request: Request, _: ApiKey) -> None:
+    """422 ``unknown_field`` naming form fields or query parameters the route does not take,
+    and 422 ``repeated_field`` naming a form field sent more than once.
 
-    FastAPI ignores them, so a misspelt option (``target_class`` for ``target``) would
-    silently give the default; the client is told instead. Runs after the API key check.
+    FastAPI ignores both (a stray field, or every copy of a field but the last), so a
+    misspelt option (``target_class`` for ``target``) would silently give the default, and a
+    second ``image`` one answer for two images; the client is told instead. Every form field
+    of these routes takes one value. Runs after the API key check.
     """
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
@@ -73,6 +77,16 @@ async def reject_unknown_fields(request: Request, _: ApiKey) -> None:
     form, query = _declared(route.dependant)  # a few microseconds
     sent = await request.form() if request.method == "POST" else {}  # parsed already: cached
     checks = (("form field", sent.keys(), form), ("query parameter", request.query_params, query))
+    if sent:
+        counts = Counter(name for name, _ in sent.multi_items())
+        repeated = sorted(name for name, count in counts.items() if count > 1)
+        if repeated:
+            raise ApiError(
+                422,
+                "repeated_field",
+                f"form field{'s' if len(repeated) > 1 else ''} {', '.join(map(repr, repeated))} "
+                "sent more than once; this endpoint takes one of each (one image per request)",
+            )
     for where, names, known in checks:
         unknown = sorted(set(names) - known)
         if unknown:

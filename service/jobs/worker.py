@@ -5,7 +5,8 @@ Abandoned jobs are found quickly: the worker heartbeats a running job every
 (RQ's fixed grace is 60 s), and maintenance (which retries or fails jobs whose worker
 stopped heartbeating) runs every ``BEYOND_WORKER_MAINTENANCE_INTERVAL_S`` (RQ: 600 s).
 Failures that retrying cannot fix (a :class:`JobFailure`, a timeout) are not retried.
-Outcomes are counted in the ``beyond:job_outcomes`` hash for the gateway's metrics.
+Outcomes are counted in the ``beyond:job_outcomes`` hash for the gateway's metrics. A Redis
+outage does not end the worker: it reconnects with backoff (:func:`serve`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -25,6 +29,7 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger("beyond.worker")
 NOT_RETRIED = ("JobFailure", "JobTimeoutException")
+MAX_RECONNECT_DELAY_S = 30.0
 
 
 class BeyondWorker(Worker):
@@ -78,9 +83,26 @@ def main() -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    worker = build_worker(settings, name=os.environ.get("BEYOND_WORKER_NAME"))
-    worker.work(with_scheduler=True, logging_level=settings.log_level)
-    return 0
+    return serve(settings, os.environ.get("BEYOND_WORKER_NAME"))
+
+
+def serve(settings: Settings, name: str | None) -> int:
+    """Work until stopped, outliving Redis outages: when Redis goes away RQ's loop raises
+    (it "found an unhandled exception"), so the worker waits with backoff (1 s doubling to
+    :data:`MAX_RECONNECT_DELAY_S`), drops its own stale registration and works again. A job
+    it was running when Redis went away is re-queued by maintenance once its heartbeat ends."""
+    delay = 1.0
+    while True:
+        worker = build_worker(settings, name=name)
+        try:
+            worker.connection.delete(worker.key)  # our registration from before an outage
+            delay = 1.0
+            worker.work(with_scheduler=True, logging_level=settings.log_level)
+            return 0
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis is unreachable (%s); reconnecting in %.0f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
 
 if __name__ == "__main__":

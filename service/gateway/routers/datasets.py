@@ -10,11 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from service.datasets import DatasetStore
 from service.errors import ApiError
 from service.gateway.deps import ApiKey, SettingsDep
-from service.gateway.forms import reject_unknown_fields
+from service.gateway.forms import reject_stray_fields
 from service.gateway.schemas import DatasetResponse, DeletedResponse
 
 router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(reject_unknown_fields)]
+    prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(reject_stray_fields)]
 )
 
 

@@ -29,7 +29,7 @@ from service.gateway.forms import (
     parse_params,
     read_image,
     read_relevance,
-    reject_unknown_fields,
+    reject_stray_fields,
 )
 from service.gateway.schemas import (
     ApemResponse,
@@ -42,7 +42,7 @@ from service.gateway.schemas import (
 router = APIRouter(
     prefix="/v1/models/{model}",
     tags=["inference"],
-    dependencies=[Depends(reject_unknown_fields)],
+    dependencies=[Depends(reject_stray_fields)],
 )
 ImageFile = Annotated[UploadFile, File(description="PNG, JPEG, WebP, GIF or BMP image")]
 ParamsForm = Annotated[str | None, Form(description="JSON object of method parameters")]
