@@ -12,8 +12,9 @@ The configuration closes TorchServe down to what the gateway needs:
   :data:`MAX_MESSAGE_MB`) so that the gateway's largest image fits as raw pixels in a frame
   and full-resolution explanations fit in a reply.
 
-Each instance gets its own state folder (its ``TMPDIR`` too, because TorchServe keeps its
-pid file in the temp folder), so several can run side by side (tests next to a dev stack).
+Each instance gets its own state folder, its temp folder too (``TMPDIR`` for the pid file,
+``TEMP`` for Java, where the workers' sockets go), so several can run side by side (tests
+next to a dev stack) without sharing a file.
 
 ``python -m model_store.torchserve_process`` runs the same configuration in the foreground: the
 TorchServe container's command (docs/deploy.md), where a proxy beside it in the pod is the
@@ -153,6 +154,10 @@ class TorchServeProcess:
         env = {
             **os.environ,
             "TMPDIR": str(self.state_dir / "tmp"),
+            # TorchServe passes TEMP on as java.io.tmpdir, where its frontend puts the model
+            # workers' sockets (.ts.sock.<port>); Java ignores TMPDIR, so without it every
+            # instance on a host would share /tmp and stop or reach the others' workers
+            "TEMP": str(self.state_dir / "tmp"),
             "LOG_LOCATION": str(self.state_dir / "logs"),
             "METRICS_LOCATION": str(self.state_dir / "logs"),
         }
