@@ -8,8 +8,10 @@ extracted with ``extractall``: each member is checked (no absolute paths, no ``.
 links or devices), counted against the file-count and total-unpacked-size limits, read with
 a cap, validated by :func:`service.imaging.decode_image` and stored as canonical PNG under
 ``<data>/blobs/<sha[:2]>/<sha>.png``. The manifest ``<data>/datasets/<id>.json`` lists
-class, original file name and hash of each image; the id is a hash of that list, so the
-same upload gives the same id. Unreadable images are skipped and reported.
+class, original file name and hash of each image; the id is a hash of that list and of the
+metadata, so the same upload gives the same id and one with other metadata (votes, ground
+truth) another: no upload replaces an earlier dataset. Unreadable images are skipped and
+reported.
 """
 
 from __future__ import annotations
@@ -332,9 +334,15 @@ class DatasetStore:
         images: list[dict[str, Any]], skipped: list[dict[str, str]], metadata: Any
     ) -> dict[str, Any]:
         images.sort(key=lambda i: (i["class_name"], i["file"]))
-        key = json.dumps(  # masks only when present: an upload without them keeps its id
-            [[i["class_name"], i["file"], i["sha256"], *([i["masks"]] if "masks" in i else [])] for i in images]
-        ).encode()
+        # masks and metadata only when present, so an upload without them keeps its id; with
+        # them in the key, the same images with other votes are another dataset, and an upload
+        # never replaces an earlier one's manifest (the same upload again gives the same id)
+        entries: list[Any] = [
+            [i["class_name"], i["file"], i["sha256"], *([i["masks"]] if "masks" in i else [])] for i in images
+        ]
+        if metadata is not None:
+            entries.append({"metadata": metadata})
+        key = json.dumps(entries, sort_keys=True).encode()
         dataset_id = hashlib.sha256(key).hexdigest()[:32]
         classes: dict[str, int] = {}
         for image in images:

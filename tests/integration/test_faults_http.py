@@ -12,8 +12,10 @@ silently ignored.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,31 @@ def test_redis_down_is_a_503_and_the_worker_waits_for_it(faults: FaultStack) -> 
         reply = client.get("/v1/jobs/0123456789abcdef0123456789abcdef")
     assert reply.status_code == 404, reply.text  # the gateway reconnected by itself
     assert faults.worker.running()
+
+
+def _archive(votes: str | None) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(3):
+            archive.writestr(f"circle/{i}.png", _png())
+        if votes is not None:
+            archive.writestr("metadata.csv", "file,class_name,yes\n" + votes)
+    return out.getvalue()
+
+
+def test_an_upload_with_new_metadata_never_replaces_an_earlier_dataset(faults: FaultStack) -> None:
+    def upload(data: bytes) -> str:
+        reply = client.post("/v1/datasets", files={"archive": ("d.zip", data, "application/zip")})
+        assert reply.status_code == 201, reply.text
+        return reply.json()["dataset_id"]
+
+    with faults.client() as client:
+        plain = upload(_archive(None))
+        first = upload(_archive("circle/0.png,star,5\n"))
+        second = upload(_archive("circle/0.png,square,5\n"))
+        again = upload(_archive("circle/0.png,star,5\n"))
+        assert len({plain, first, second}) == 3 and again == first
+        assert client.get(f"/v1/datasets/{first}").json()["has_metadata"] is True
+        assert client.get(f"/v1/datasets/{plain}").json()["has_metadata"] is False
+    manifest = json.loads((faults.state / "data" / "datasets" / f"{first}.json").read_text())
+    assert manifest["metadata"] == [{"file": "circle/0.png", "class_name": "star", "yes": "5"}]
