@@ -68,7 +68,9 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
 class ModelRegistry:
-    """The served models' ``describe`` answers, cached; only configured names exist."""
+    """The served models' ``describe`` answers, cached; only configured names exist, and one
+    the model server does not know yet is loading (503 ``model_loading`` with
+    ``Retry-After``), not missing."""
 
     def __init__(self, settings: Settings, client: AsyncTorchServeClient) -> None:
         self.settings = settings
@@ -86,9 +88,37 @@ class ModelRegistry:
             hit = self._cache.get(name)
             if hit and time.monotonic() - hit[0] < self.settings.describe_cache_s:
                 return hit[1]
-            described = await self.client.describe(name)
+            try:
+                described = await self.client.describe(name)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                # a configured model the model server does not know (yet): it is loading,
+                # after a start or a restart, or it failed to load; either way, retry later
+                raise ApiError(
+                    503,
+                    "model_loading",
+                    f"the model {name!r} is not loaded on the model server yet; retry later",
+                    headers={"Retry-After": str(self.settings.torchserve_retry_after_s)},
+                ) from None
             self._cache[name] = (time.monotonic(), described)
             return described
+
+    def forget(self) -> None:
+        """Drop every cached answer (the model server went away: when it is back, each model
+        must answer again before it counts as served)."""
+        self._cache.clear()
+
+    async def unserved(self) -> dict[str, str]:
+        """The configured models that do not answer ``describe`` now (cached answers count),
+        each with the reason."""
+        problems: dict[str, str] = {}
+        for name in self.settings.models:
+            try:
+                await self.get(name)
+            except ApiError as exc:
+                problems[name] = exc.code
+        return problems
 
 
 async def get_registry(request: Request) -> ModelRegistry:

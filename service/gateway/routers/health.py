@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.contract import ErrorDetail
-from service.gateway.deps import SettingsDep, TorchServe
+from service.gateway.deps import ModelRegistry, SettingsDep, TorchServe
 from service.gateway.schemas import HealthResponse, ReadyResponse
 from service.redis_health import redis_problem
 
@@ -27,9 +27,20 @@ async def healthz() -> HealthResponse:
     responses={503: {"model": ReadyResponse, "description": "a dependency is down"}},
 )
 async def readyz(request: Request, torchserve: TorchServe, settings: SettingsDep) -> JSONResponse:
+    """Ready when Redis answers and every configured model answers on the model server: its
+    ``/ping`` alone turns green as soon as its port opens, before the models have loaded.
+    While it is away the cached model answers are dropped, so after a restart each model
+    must answer again."""
+    registry: ModelRegistry = request.app.state.registry
     ts_problem, redis_issue = await asyncio.gather(
         torchserve.ping(), redis_problem(request.app.state.async_redis)
     )
+    if ts_problem is None:
+        unserved = await registry.unserved()
+        if unserved:
+            ts_problem = "models not served: " + ", ".join(f"{m} ({why})" for m, why in unserved.items())
+    else:
+        registry.forget()
     checks = {"torchserve": ts_problem or "ok", "redis": redis_issue or "ok"}
     down = {name: why for name, why in checks.items() if why != "ok"}
     if not down:
