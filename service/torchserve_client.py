@@ -211,7 +211,9 @@ class AsyncTorchServeClient:
             model,
             DescribeRequest(),
             DescribeResult,
-            timeout=self.settings.torchserve_connect_timeout_s + 5,
+            # a second past the connect timeout: describe is instant on a served model, and
+            # a model server still starting its workers holds the connection without answering
+            timeout=self.settings.torchserve_connect_timeout_s + 1,
         )
 
     async def ping(self) -> str | None:

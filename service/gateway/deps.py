@@ -91,14 +91,15 @@ class ModelRegistry:
             try:
                 described = await self.client.describe(name)
             except ApiError as exc:
-                if exc.status != 404:
+                if exc.status not in (404, 504):
                     raise
-                # a configured model the model server does not know (yet): it is loading,
-                # after a start or a restart, or it failed to load; either way, retry later
+                # a configured model the model server does not know (yet), or does not answer
+                # for while its workers start: it is loading, after a start or a restart (or
+                # it failed to load, or its queue is long); either way, retry later
                 raise ApiError(
                     503,
                     "model_loading",
-                    f"the model {name!r} is not loaded on the model server yet; retry later",
+                    f"the model {name!r} is not answering on the model server yet; retry later",
                     headers={"Retry-After": str(self.settings.torchserve_retry_after_s)},
                 ) from None
             self._cache[name] = (time.monotonic(), described)

@@ -30,6 +30,21 @@ MODEL = "shapes-resnet"
 REPO = Path(__file__).resolve().parents[2]
 
 
+def integration_env(state: Path, models: str, redis_url: str, torchserve_url: str) -> dict[str, str]:
+    """The environment of a gateway or worker the integration tests start: this project on
+    the path, the tests' API key, and where its state, Redis and TorchServe are."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "BEYOND_API_KEYS": API_KEY,
+        "BEYOND_STATE_DIR": str(state),
+        "BEYOND_MODELS": models,
+        "BEYOND_REDIS_URL": redis_url,
+        "BEYOND_TORCHSERVE_URL": torchserve_url,
+    }
+
+
 class Stack:
     def __init__(self, state: Path) -> None:
         from model_store.build import ensure_demo_archives
@@ -48,14 +63,7 @@ class Stack:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-            "BEYOND_API_KEYS": API_KEY,
-            "BEYOND_STATE_DIR": str(state),
-            "BEYOND_MODELS": MODEL,
-            "BEYOND_REDIS_URL": self.redis.url,
-            "BEYOND_TORCHSERVE_URL": self.ts.inference_url,
+            **integration_env(state, MODEL, self.redis.url, self.ts.inference_url),
             "BEYOND_TORCHSERVE_KEY_FILE": str(self.ts.key_file),
             "BEYOND_TORCHSERVE_TIMEOUT_S": "60",
             "BEYOND_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 import zipfile
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from model_store.stack import (
     gateway_process,
     worker_process,
 )
-from tests.integration.conftest import API_KEY, MODEL, REPO
+from tests.integration.conftest import API_KEY, MODEL, integration_env
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +45,7 @@ class FaultStack:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-            "BEYOND_API_KEYS": API_KEY,
-            "BEYOND_STATE_DIR": str(state),
-            "BEYOND_MODELS": MODEL,
-            "BEYOND_REDIS_URL": self.redis.url,
-            "BEYOND_TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}",
+            **integration_env(state, MODEL, self.redis.url, f"http://127.0.0.1:{free_port()}"),
             "BEYOND_TORCHSERVE_TOKEN": "unused-token-of-an-absent-server",
             "BEYOND_WORKER_NAME": "fault-worker",
         }

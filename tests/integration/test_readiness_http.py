@@ -10,7 +10,6 @@ still loading (28-58 s on two cores), and predictions then hung or answered 404.
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 
 from model_store.stack import ManagedProcess, RedisServer, free_port, gateway_process
 from model_store.torchserve_process import TorchServeProcess
-from tests.integration.conftest import API_KEY, MODEL, REPO
+from tests.integration.conftest import API_KEY, MODEL, integration_env
 
 pytestmark = pytest.mark.integration
 MODELS = (MODEL, "shapes-vgg")  # two models: TorchServe registers them one at a time
@@ -38,13 +37,7 @@ class LateStack:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "BEYOND_API_KEYS": API_KEY,
-            "BEYOND_STATE_DIR": str(state),
-            "BEYOND_MODELS": ",".join(MODELS),
-            "BEYOND_REDIS_URL": self.redis.url,
-            "BEYOND_TORCHSERVE_URL": self.ts.inference_url,
+            **integration_env(state, ",".join(MODELS), self.redis.url, self.ts.inference_url),
             "BEYOND_TORCHSERVE_KEY_FILE": str(self.ts.key_file),
         }
         self.gateway: ManagedProcess = gateway_process(env, "127.0.0.1", port, state / "logs" / "gateway.log")
